@@ -1,0 +1,265 @@
+"""``LoRACurvature``: the Laplace curvature of a set of LoRA adapters, its anchors and metadata.
+
+Tensors are kept in one flat dict under SPEC names (``Sx/<leader>``, ``Sg/<module>``, ``Caa/..``,
+``Cbb/..``, ``Ka/..``, ``Kb/..``, ``FA/..``, ``FB/..``, anchors ``A0/..`` and ``B0/..``). All
+factors are per-token means (SPEC section 6). A factor that SPEC section 5 proves unnecessary for
+the variant is simply absent, and ``AdapterInfo.has_sx`` / ``has_sg`` say so.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .reference import finalize
+from .version import __version__
+
+VARIANTS = ("diag", "kfac", "tri", "wkfac")
+FISHERS = ("empirical", "mc")
+LAYOUT = "dense"
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; use one of {', '.join(map(repr, VARIANTS))}")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """Identity of one adapted ``nn.Linear``: ``h = W0 x + scaling * B (A x)``."""
+    in_features: int
+    out_features: int
+    rank: int
+    scaling: float
+    sx_key: str          # the module whose input this adapter shares (itself if none)
+    has_sx: bool         # Sx of sx_key is stored and used by this adapter
+    has_sg: bool         # Sg of this module is stored
+
+
+def _require(fin: dict, key: str, k: int) -> torch.Tensor:
+    if key not in fin:
+        raise ValueError(f"adapter {k}: {key} is needed; pass {key}[{k}] or the factor it derives from "
+                         "(Sx for Caa, Sg for Cbb)")
+    return fin[key]
+
+
+class LoRACurvature:
+    """Curvature factors, anchors and identity of every adapter; see the module docstring."""
+
+    def __init__(self, *, variant: str, fisher: str, mc_samples: int, num_tokens: int,
+                 adapter_name: str, model_type: str, adapters: dict[str, AdapterInfo],
+                 tensors: dict[str, torch.Tensor], norm_constant: Optional[float] = None,
+                 version: str = __version__, layout: str = LAYOUT):
+        check_variant(variant)
+        self.variant, self.fisher, self.mc_samples = variant, fisher, mc_samples
+        self.num_tokens, self.adapter_name, self.model_type = num_tokens, adapter_name, model_type
+        self.adapters, self.tensors = dict(adapters), dict(tensors)
+        self.version, self.layout = version, layout
+        self.check_finite()
+        self.norm_constant = self._mean_diag() if norm_constant is None else float(norm_constant)
+
+    @classmethod
+    def from_tensors(cls, A_star, B_star, *, variant: str, scaling, Sx=(), sx_index=None, Sg=None,
+                     Caa=None, Cbb=None, FA=None, FB=None, num_tokens: int = 0) -> "LoRACurvature":
+        """A curvature from plain per-adapter tensors (see ``fused_laplace_penalty``)."""
+        check_variant(variant)
+        n = len(A_star)
+        for arg, val in (("B_star", B_star), ("scaling", scaling)):
+            if len(val) != n:
+                raise ValueError(f"{arg} has {len(val)} entries but A_star has {n}; give one per adapter")
+        sx_index = list(sx_index) if sx_index is not None else [None] * n
+        Sg = list(Sg) if Sg is not None else [None] * n
+        FA, FB, Caa, Cbb = (list(F) if F is not None else [None] * n for F in (FA, FB, Caa, Cbb))
+        for arg, val in (("sx_index", sx_index), ("Sg", Sg), ("FA", FA), ("FB", FB), ("Caa", Caa),
+                         ("Cbb", Cbb)):
+            if len(val) != n:
+                raise ValueError(f"{arg} has {len(val)} entries but A_star has {n}; give one per adapter")
+        tensors, adapters = {}, {}
+        for j, S in enumerate(Sx):
+            tensors[f"Sx/input{j}"] = S
+        for k in range(n):
+            name, (r, i), o = f"adapter{k}", A_star[k].shape, B_star[k].shape[0]
+            j = sx_index[k]
+            if j is not None and not 0 <= j < len(Sx):
+                raise ValueError(f"sx_index[{k}]={j} is out of range for {len(Sx)} Sx tensors")
+            has_sx, has_sg = j is not None, Sg[k] is not None
+            if variant == "wkfac" and not (has_sx and has_sg):
+                raise ValueError(f"variant='wkfac' needs Sx and Sg for every adapter; adapter {k} lacks one")
+            tensors[f"A0/{name}"], tensors[f"B0/{name}"] = A_star[k], B_star[k]
+            if has_sg:
+                tensors[f"Sg/{name}"] = Sg[k]
+            if variant in ("kfac", "tri"):
+                fin = finalize(A_star[k], B_star[k], Sx[j] if has_sx else None, Sg[k])
+                fin.update({key: v for key, v in (("Caa", Caa[k]), ("Cbb", Cbb[k])) if v is not None})
+                if has_sx:
+                    tensors[f"Cbb/{name}"] = _require(fin, "Cbb", k)
+                if has_sg:
+                    tensors[f"Caa/{name}"] = _require(fin, "Caa", k)
+                if variant == "tri" and has_sx and has_sg:
+                    tensors[f"Ka/{name}"], tensors[f"Kb/{name}"] = fin["Ka"], fin["Kb"]
+            for kind, F in (("FA", FA[k]), ("FB", FB[k])):
+                if F is not None:
+                    tensors[f"{kind}/{name}"] = F
+            adapters[name] = AdapterInfo(i, o, r, float(scaling[k]), f"input{j}" if has_sx else name,
+                                         has_sx, has_sg)
+        dtypes = {t.dtype for k, t in tensors.items() if not k.startswith(("A0/", "B0/"))}
+        if not dtypes <= {torch.float32, torch.float64} or len(dtypes) > 1:
+            raise ValueError(f"curvature factors must all be float32 or all float64, got {dtypes}; "
+                             "cast them with .float()")
+        devices = {t.device for t in tensors.values()}
+        if len(devices) > 1:
+            raise ValueError(f"factors and anchors are on several devices {devices}; move them to one")
+        return cls(variant=variant, fisher="empirical", mc_samples=1, num_tokens=num_tokens,
+                   adapter_name="default", model_type="external", adapters=adapters, tensors=tensors)
+
+    # ---- access -------------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Optional[torch.Tensor]:
+        """The tensor ``kind/name`` (kind in Sx, Sg, Caa, Cbb, Ka, Kb, FA, FB, A0, B0) or None."""
+        return self.tensors.get(f"{kind}/{name}")
+
+    def sx(self, name: str) -> Optional[torch.Tensor]:
+        info = self.adapters[name]
+        return self.get("Sx", info.sx_key) if info.has_sx else None
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return next(t.dtype for k, t in self.tensors.items() if not k.startswith(("A0/", "B0/")))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def num_factors(self) -> dict[str, int]:
+        """How many tensors of each kind are stored (shared Sx counted once)."""
+        counts: dict[str, int] = {}
+        for key in self.tensors:
+            kind = key.split("/", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def memory_bytes(self, anchors: bool = False) -> int:
+        """Bytes held by the curvature factors (plus the anchors when ``anchors=True``)."""
+        return sum(t.numel() * t.element_size() for k, t in self.tensors.items()
+                   if anchors or not k.startswith(("A0/", "B0/")))
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LoRACurvature":
+        """Move factors (and anchors) to ``device``; ``dtype`` applies to the factors only."""
+        for k, t in self.tensors.items():
+            anchor = k.startswith(("A0/", "B0/"))
+            self.tensors[k] = t.to(device=device, dtype=None if anchor else dtype)
+        return self
+
+    # ---- interop ------------------------------------------------------------------------------
+    def kfac_blocks(self, module_name: str) -> dict[str, dict[str, Optional[torch.Tensor]]]:
+        """Generic per-Linear K-FAC of ``lora_A`` and ``lora_B`` for one adapter (SPEC section 2).
+
+        Returns ``{"lora_A": {"input_cov", "grad_cov"}, "lora_B": {...}, "cross": {"input_cross",
+        "grad_cross"}}``. A block is ``grad_cov (x) input_cov`` on the row-major flattened weight,
+        so ``vec(D)^T (G (x) A) vec(D) = tr(D^T G D A)``; the cross block (A rows, B columns) is
+        ``grad_cross (x) input_cross`` with grad_cross ``(r, o)`` and input_cross ``(i, r)``.
+        A factor is None where it was provably unnecessary and not stored; its Kronecker partner
+        is then exactly zero, and so is the block.
+        """
+        if module_name not in self.adapters:
+            raise KeyError(f"module_name={module_name!r} is not in this curvature; known: "
+                           f"{list(self.adapters)[:4]}...")
+        if self.variant == "diag":
+            raise ValueError("a 'diag' curvature stores no Kronecker factors; estimate with "
+                             "variant='kfac', 'tri' or 'wkfac' to get kfac_blocks()")
+        info = self.adapters[module_name]
+        s2 = info.scaling ** 2
+        A0, B0 = self.get("A0", module_name), self.get("B0", module_name)
+        Sx, Sg = self.sx(module_name), self.get("Sg", module_name)
+        fin = finalize(A0, B0, Sx, Sg)
+        Caa = self.get("Caa", module_name)
+        Cbb = self.get("Cbb", module_name)
+        Caa = fin.get("Caa") if Caa is None else Caa
+        Cbb = fin.get("Cbb") if Cbb is None else Cbb
+        zero = torch.zeros(info.rank, info.rank, dtype=self.factor_dtype, device=self.device)
+        return {
+            "lora_A": {"input_cov": Sx, "grad_cov": zero if Cbb is None else s2 * Cbb},
+            "lora_B": {"input_cov": zero if Caa is None else Caa, "grad_cov": None if Sg is None else s2 * Sg},
+            "cross": {"input_cross": None if "Ka" not in fin else fin["Ka"].T,
+                      "grad_cross": None if "Kb" not in fin else s2 * fin["Kb"].T},
+        }
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_finite(self) -> None:
+        for k, t in self.tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"curvature tensor {k!r} has non-finite entries (NaN/Inf); the proxy "
+                                 "pass overflowed or the model diverged: re-estimate in fp32 on finite data")
+
+    def check_model(self, layers: dict[str, tuple[int, int, int, float]]) -> None:
+        """Raise if ``layers`` (name -> (in, out, rank, scaling)) is not the adapter set estimated."""
+        mine, theirs = set(self.adapters), set(layers)
+        if mine != theirs:
+            missing, extra = sorted(mine - theirs)[:3], sorted(theirs - mine)[:3]
+            raise ValueError("the curvature does not match the model's LoRA layers: missing in model "
+                             f"{missing}, not in curvature {extra}; estimate the curvature on this model "
+                             "(same target_modules and module names)")
+        for name, (i, o, r, s) in layers.items():
+            a = self.adapters[name]
+            if (a.in_features, a.out_features, a.rank) != (i, o, r) or not math.isclose(a.scaling, s):
+                raise ValueError(f"adapter {name!r}: curvature has (in, out, r, scaling)="
+                                 f"{(a.in_features, a.out_features, a.rank, a.scaling)}, model has "
+                                 f"{(i, o, r, s)}; re-estimate the curvature for this LoRA config")
+
+    # ---- normalisation (SPEC section 6) ---------------------------------------------------------
+    def _mean_diag(self) -> float:
+        """Mean diagonal of F over the parameters the variant penalises."""
+        total, count = 0.0, 0
+        for name, a in self.adapters.items():
+            s2, i, o, r = a.scaling ** 2, a.in_features, a.out_features, a.rank
+            if self.variant == "diag":
+                for kind, n in (("FA", r * i), ("FB", o * r)):
+                    t = self.get(kind, name)
+                    if t is not None:
+                        total, count = total + float(t.sum()), count + n
+            elif self.variant == "wkfac":
+                total += s2 * float(self.sx(name).trace()) * float(self.get("Sg", name).trace())
+                count += i * o
+            else:
+                if a.has_sx:
+                    total += s2 * float(self.get("Cbb", name).trace()) * float(self.sx(name).trace())
+                    count += r * i
+                if a.has_sg:
+                    total += s2 * float(self.get("Sg", name).trace()) * float(self.get("Caa", name).trace())
+                    count += o * r
+        return total / count if count else 0.0
+
+    # ---- files --------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write factors, anchors and metadata to one safetensors file."""
+        meta = {"variant": self.variant, "fisher": self.fisher, "mc_samples": self.mc_samples,
+                "num_tokens": self.num_tokens, "adapter_name": self.adapter_name,
+                "model_type": self.model_type, "norm_constant": self.norm_constant,
+                "version": self.version, "layout": self.layout,
+                "adapters": {k: asdict(v) for k, v in self.adapters.items()}}
+        save_file({k: t.detach().contiguous().cpu() for k, t in self.tensors.items()}, path,
+                  metadata={"lalora": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> "LoRACurvature":
+        """Read a file written by ``save``; ``device`` is where the tensors go."""
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("lalora")
+        if raw is None:
+            raise ValueError(f"{path!r} is not a LoRACurvature file (no 'lalora' metadata); "
+                             "write it with LoRACurvature.save")
+        meta = json.loads(raw)
+        if meta.get("layout", LAYOUT) != LAYOUT:
+            raise ValueError(f"{path!r} uses layout {meta['layout']!r}; this version reads {LAYOUT!r}")
+        tensors = load_file(path, device=str(device))
+        adapters = {k: AdapterInfo(**v) for k, v in meta.pop("adapters").items()}
+        return cls(adapters=adapters, tensors=tensors, **meta)
+
+    def __repr__(self) -> str:
+        return (f"LoRACurvature(variant={self.variant!r}, fisher={self.fisher!r}, adapters="
+                f"{len(self.adapters)}, tokens={self.num_tokens}, factors={self.num_factors()}, "
+                f"MiB={self.memory_bytes() / 2**20:.2f})")

@@ -1,0 +1,61 @@
+"""Finding the LoRA layers of a peft model and reading their weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoRALayerRef:
+    name: str
+    module: nn.Module          # the peft LoraLayer wrapping an nn.Linear
+    adapter: str
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def shape(self) -> tuple[int, int, int, float]:
+        """(in_features, out_features, rank, scaling)."""
+        r, i = self.A.shape
+        return i, self.B.shape[0], r, self.scaling
+
+
+def find_lora_layers(model: nn.Module) -> list[LoRALayerRef]:
+    """Every peft LoRA layer on an ``nn.Linear``, with its single active adapter, in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    refs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module.get_base_layer(), nn.Linear):
+            raise ValueError(f"LoRA layer {name!r} wraps {type(module.get_base_layer()).__name__}; "
+                             "lalora_kernels supports LoRA on nn.Linear only: leave it out of target_modules")
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) != 1:
+            raise ValueError(f"LoRA layer {name!r} has active adapters {active}; exactly one must be "
+                             "active: call model.set_adapter(name) first")
+        adapter = active[0]
+        if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter):
+            raise ValueError(f"LoRA layer {name!r} uses a LoRA variant (e.g. DoRA) for adapter "
+                             f"{adapter!r}; only plain LoRA (optionally rslora) is supported")
+        if getattr(module, "merged", False):
+            raise ValueError(f"LoRA layer {name!r} is merged into its base weight; call "
+                             "model.unmerge_adapter() before estimating or regularising")
+        refs.append(LoRALayerRef(name, module, adapter))
+    if not refs:
+        raise ValueError("the model has no peft LoRA layers; wrap it with peft.get_peft_model(model, "
+                         "LoraConfig(target_modules=[...])) first")
+    return refs

@@ -1,0 +1,242 @@
+"""The LaLoRA penalty: ``LaplacePenalty`` (tensors in), ``LaLoRARegularizer`` (a peft model in) and
+the functional drop-in ``fused_laplace_penalty``.
+
+    R = sum over adapters of  lam/c * R_F(dA, dB)  +  delta/2 ||dtheta||^2      (SPEC section 4)
+
+with ``c`` the ``mean_diag`` normalisation constant (1 when ``normalize=None``). Every read of a
+big factor goes through ``lalora::sym_gram`` on stacks of same-shaped bundles (see ``grouping``);
+the rest is O((o + i) r^2) per adapter, batched per class. Gradients come from autograd through
+``sym_gram``'s closed-form backward, which never reads a factor again.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .curvature import AdapterInfo, LoRACurvature
+from .grouping import SideClass, plan_sides, side_order
+from .lora_layers import find_lora_layers
+
+NORMALIZE = (None, "mean_diag")
+
+
+def _blocks(G: Tensor, per: int, q: int) -> Tensor:
+    """Diagonal (q x q) blocks of bundle Grams G: (b, per*q, per*q) -> (b*per, q, q)."""
+    b = G.shape[0]
+    return G.view(b, per, q, per, q).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b * per, q, q)
+
+
+class LaplacePenalty(nn.Module):
+    """Grouped LaLoRA penalty over the adapters of one curvature; ``forward(A, B) -> scalar``.
+
+    A, B: lists of the current LoRA weights in ``curvature.adapters`` order, ``A[k]`` (r, i) and
+    ``B[k]`` (o, r), any float dtype, on the device of this module's buffers.
+    """
+
+    def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
+                 normalize: Optional[str] = "mean_diag"):
+        super().__init__()
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam={lam!r} must be a finite number >= 0")
+        if not (isinstance(prior_precision, (int, float)) and math.isfinite(prior_precision)
+                and prior_precision >= 0):
+            raise ValueError(f"prior_precision={prior_precision!r} must be a finite number >= 0")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize={normalize!r} is unknown; use 'mean_diag' or None")
+        c = curvature.norm_constant if normalize == "mean_diag" else 1.0
+        if not c > 0:
+            raise ValueError("normalize='mean_diag' needs a curvature with a positive mean diagonal, this "
+                             f"one has {c}: the proxy data gave no gradient signal; use normalize=None")
+        self.variant, self.lam, self.delta, self.norm = curvature.variant, float(lam), float(prior_precision), c
+        self.names = list(curvature.adapters)
+        self.infos: list[AdapterInfo] = list(curvature.adapters.values())
+        self._pos = {n: k for k, n in enumerate(self.names)}
+        self._dtype = curvature.factor_dtype
+        s2 = {n: (1.0 if self.variant == "diag" else a.scaling ** 2) for n, a in curvature.adapters.items()}
+        self._coef = {n: self.lam * s2[n] / c for n in self.names}
+        self._build(curvature)
+
+    # ---- construction -------------------------------------------------------------------------
+    def _buf(self, name: str, t: Tensor) -> str:
+        self.register_buffer(name, t.contiguous(), persistent=False)
+        return name
+
+    def _stack(self, name: str, ts: Sequence[Tensor]) -> str:
+        return self._buf(name, torch.stack([t.to(self._dtype) for t in ts]))
+
+    def _build(self, curv: LoRACurvature) -> None:
+        get = curv.get
+        self.idx_A, self.idx_B = [], []
+        self._buf("anchor_A", torch.cat([get("A0", n).reshape(-1).to(self._dtype) for n in self.names]))
+        self._buf("anchor_B", torch.cat([get("B0", n).reshape(-1).to(self._dtype) for n in self.names]))
+        if self.variant == "diag":
+            self.diag_A = [n for n in self.names if get("FA", n) is not None]
+            self.diag_B = [n for n in self.names if get("FB", n) is not None]
+            for side, names in (("A", self.diag_A), ("B", self.diag_B)):
+                if names:
+                    self._buf(f"diag_F{side}", torch.cat([get(f"F{side}", n).reshape(-1) for n in names]))
+                    self._buf(f"diag_{side}0", torch.cat([get(f"{side}0", n).reshape(-1).to(self._dtype)
+                                                         for n in names]))
+            return
+        self.a_classes, self.b_classes = plan_sides(curv)
+        tri, wk = self.variant == "tri", self.variant == "wkfac"
+        for j, c in enumerate(self.a_classes):
+            self._buf(f"a{j}_S", torch.stack([curv.tensors[k] for k in c.factor_keys]))
+            self._stack(f"a{j}_A0", [get("A0", n) for n in c.names])
+            if not wk:
+                self._stack(f"a{j}_C", [self._coef[n] * get("Cbb", n) for n in c.names])
+            if tri:
+                self._stack(f"a{j}_K", [self._k(get("Ka", n), (c.rank, c.dim)) for n in c.names])
+        for j, c in enumerate(self.b_classes):
+            self._buf(f"b{j}_S", torch.stack([curv.tensors[k] for k in c.factor_keys]))
+            self._stack(f"b{j}_B0", [get("B0", n) for n in c.names])
+            if not wk:
+                self._stack(f"b{j}_C", [self._coef[n] * get("Caa", n) for n in c.names])
+            if tri:
+                self._stack(f"b{j}_K", [self._k(get("Kb", n), (c.dim, c.rank)) for n in c.names])
+        # pairing of A-side and B-side per-adapter blocks, per rank
+        self.pairs = []
+        a_order, b_order = side_order(self.a_classes), side_order(self.b_classes)
+        for r in sorted(set(a_order) & set(b_order)):
+            both = [n for n in a_order[r] if n in set(b_order[r])]
+            if not both or not (tri or wk):
+                continue
+            ia = torch.tensor([a_order[r].index(n) for n in both])
+            ib = torch.tensor([b_order[r].index(n) for n in both])
+            coef = torch.tensor([self._coef[n] for n in both], dtype=self._dtype)
+            self.pairs.append((r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib),
+                               self._buf(f"pair{r}_coef", coef)))
+
+    def _k(self, t: Optional[Tensor], shape) -> Tensor:
+        return torch.zeros(shape, dtype=self._dtype) if t is None else t
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def forward(self, A: Sequence[Tensor], B: Sequence[Tensor]) -> Tensor:
+        if len(A) != len(self.names) or len(B) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} A and B tensors (one per adapter), got "
+                             f"{len(A)} and {len(B)}")
+        dev = self.anchor_A.device
+        if A[0].device != dev:
+            raise ValueError(f"LoRA weights are on {A[0].device} but the penalty's factors are on {dev}; "
+                             f"move the regulariser with .to({str(A[0].device)!r})")
+        value = self._diag(A, B) if self.variant == "diag" else self._kron(A, B)
+        if self.delta > 0:
+            dA = torch.cat([a.reshape(-1) for a in A]).to(self._dtype) - self.anchor_A
+            dB = torch.cat([b.reshape(-1) for b in B]).to(self._dtype) - self.anchor_B
+            value = value + 0.5 * self.delta * (dA.square().sum() + dB.square().sum())
+        return value
+
+    def _diag(self, A, B) -> Tensor:
+        coef = self.lam / self.norm
+        value = self.anchor_A.new_zeros(())
+        for side, names, W in (("A", self.diag_A, A), ("B", self.diag_B, B)):
+            if names:
+                d = torch.cat([W[self._pos[n]].reshape(-1) for n in names]).to(self._dtype)
+                d = d - getattr(self, f"diag_{side}0")
+                value = value + 0.5 * coef * (getattr(self, f"diag_F{side}") * d.square()).sum()
+        return value
+
+    def _kron(self, A, B) -> Tensor:
+        wk, tri = self.variant == "wkfac", self.variant == "tri"
+        ga: dict[int, list[Tensor]] = {}
+        gb: dict[int, list[Tensor]] = {}
+        value = self.anchor_A.new_zeros(())
+        for j, c in enumerate(self.a_classes):
+            A0 = getattr(self, f"a{j}_A0")
+            rows = torch.stack([A[self._pos[n]] for n in c.names]).to(self._dtype)   # (m, r, i)
+            D = torch.cat([rows, A0], dim=1) if wk else rows - A0
+            q = D.shape[1]
+            G, _ = torch.ops.lalora.sym_gram(D.reshape(-1, c.per * q, c.dim), getattr(self, f"a{j}_S"))
+            blocks = _blocks(G, c.per, q)
+            if wk:
+                ga.setdefault(c.rank, []).append(blocks)
+            else:
+                value = value + 0.5 * (getattr(self, f"a{j}_C") * blocks).sum()
+            if tri:
+                ga.setdefault(c.rank, []).append(D @ getattr(self, f"a{j}_K").transpose(1, 2))
+        for j, c in enumerate(self.b_classes):
+            B0 = getattr(self, f"b{j}_B0")
+            cols = torch.stack([B[self._pos[n]] for n in c.names]).to(self._dtype)  # (m, o, r)
+            D = (torch.cat([cols, -B0], dim=2) if wk else cols - B0).transpose(1, 2)
+            G, _ = torch.ops.lalora.sym_gram(D, getattr(self, f"b{j}_S"))
+            if wk:
+                gb.setdefault(c.rank, []).append(G)
+            else:
+                value = value + 0.5 * (getattr(self, f"b{j}_C") * G).sum()
+            if tri:
+                gb.setdefault(c.rank, []).append(D @ getattr(self, f"b{j}_K"))
+        for r, ia, ib, coef in self.pairs:
+            Xa = torch.cat(ga[r]).index_select(0, getattr(self, ia))
+            Xb = torch.cat(gb[r]).index_select(0, getattr(self, ib))
+            if wk:        # R = 1/2 s^2 <U^T Sg U, V Sx V^T>
+                value = value + 0.5 * (getattr(self, coef) * (Xa * Xb).sum((1, 2))).sum()
+            else:         # cross = s^2 tr(Z_a Z_b), Z_a = dA Ka^T, Z_b = dB^T Kb
+                value = value + (getattr(self, coef) * (Xa * Xb.transpose(1, 2)).sum((1, 2))).sum()
+        return value
+
+
+class LaLoRARegularizer(nn.Module):
+    """``reg(model) -> scalar``: the LaLoRA penalty of a peft model's active LoRA adapter.
+
+    curvature: from ``estimate_curvature`` or ``LoRACurvature.load``; lam: LaLoRA strength;
+    prior_precision: delta of ``P = lam F / c + delta I`` (alone, it is the L2-to-anchor baseline);
+    normalize: 'mean_diag' divides F by its mean diagonal c so that lam means the same across models
+    and data (SPEC section 6), None uses F as estimated.
+    """
+
+    def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
+                 normalize: Optional[str] = "mean_diag"):
+        super().__init__()
+        self.curvature = curvature
+        self.penalty = LaplacePenalty(curvature, lam, prior_precision, normalize)
+        self._bound: Optional[tuple[int, list[Tensor], list[Tensor]]] = None
+
+    def _weights(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        if self._bound is None or self._bound[0] != id(model):
+            refs = {r.name: r for r in find_lora_layers(model)}
+            self.curvature.check_model({n: r.shape for n, r in refs.items()})
+            names = self.penalty.names
+            self._bound = (id(model), [refs[n].A for n in names], [refs[n].B for n in names])
+        return self._bound[1], self._bound[2]
+
+    def forward(self, model: nn.Module) -> Tensor:
+        return self.penalty(*self._weights(model))
+
+    reg = forward
+
+
+def fused_laplace_penalty(A: Sequence[Tensor], B: Sequence[Tensor], A_star: Sequence[Tensor],
+                          B_star: Sequence[Tensor], *, variant: str, scaling: Sequence[float],
+                          lam: float, prior_precision: float = 0.0, normalize: Optional[str] = None,
+                          Sx: Sequence[Tensor] = (), sx_index: Optional[Sequence[Optional[int]]] = None,
+                          Sg: Optional[Sequence[Optional[Tensor]]] = None,
+                          Caa: Optional[Sequence[Optional[Tensor]]] = None,
+                          Cbb: Optional[Sequence[Optional[Tensor]]] = None,
+                          FA: Optional[Sequence[Optional[Tensor]]] = None,
+                          FB: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
+    """The LaLoRA penalty from plain tensors, for front ends that keep their own curvature.
+
+    Per adapter k (lists of equal length n):
+      A[k] (r, i), B[k] (o, r): current LoRA weights, any float dtype, differentiable.
+      A_star[k], B_star[k]: the anchors theta*.
+      scaling[k]: the LoRA scale s (lora_alpha / r, or / sqrt(r) for rslora).
+    Curvature, per-token means in fp32 or fp64 (SPEC sections 2-4):
+      Sx: the distinct input covariances (i, i); sx_index[k] is the index of adapter k's Sx in that
+        list, or None when its A block is not penalised (kfac/tri with B* = 0).
+      Sg[k]: output-gradient covariance (o, o) of adapter k, or None (not penalised).
+      Caa[k] = A* Sx A*^T, Cbb[k] = B*^T Sg B* (r, r): optional, derived from Sx / Sg when absent;
+        give Caa when the A block is not penalised (no Sx) but the B block is.
+      FA[k] (r, i), FB[k] (o, r): the ``diag`` curvature (only for variant='diag').
+    variant: 'diag' | 'kfac' | 'tri' | 'wkfac'; lam, prior_precision, normalize: as in
+    ``LaLoRARegularizer`` (default None here: the factors are used as given).
+    Returns the scalar penalty; gradients flow to A and B.
+
+    Each call stacks the factors; a training loop should build ``LaplacePenalty`` once
+    (``LoRACurvature.from_tensors`` takes the same arguments).
+    """
+    curv = LoRACurvature.from_tensors(A_star, B_star, variant=variant, scaling=scaling, Sx=Sx,
+                                      sx_index=sx_index, Sg=Sg, Caa=Caa, Cbb=Cbb, FA=FA, FB=FB)
+    return LaplacePenalty(curv, lam, prior_precision, normalize).to(A[0].device)(A, B)

@@ -1,0 +1,57 @@
+"""Masked covariance accumulation (SPEC section 2 and 7), pure PyTorch.
+
+These are the CPU kernels of ``lalora::cov_update_`` and ``lalora::sqcov_update_`` and the
+oracle every other backend is tested against. Inputs may be bf16/fp16/fp32/fp64; the update is
+carried out in the accumulator's dtype (fp32, or fp64 for float64 models).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Column-panel width of the one-triangle update. Panels are wide enough for BLAS to run at full
+# speed, and with n/256 panels only about (1 + 256/n)/2 of the full GEMM's multiply-adds are done.
+SYRK_PANEL = 256
+
+
+def _valid_rows(X: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    X = X.reshape(-1, X.shape[-1])
+    if mask is not None:
+        X = X[mask.reshape(-1) != 0]
+    return X.to(dtype)
+
+
+def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                weight: float = 1.0) -> None:
+    """S += weight * X^T diag(mask) X, in place.
+
+    S: (n, n) fp32/fp64, X: (..., n) any float dtype (leading dims flattened to N rows),
+    mask: (...) bool or 0/1 with X's leading shape, rows with mask == 0 are skipped.
+    Only the upper panels of the product are computed; the lower ones are their transposes.
+    """
+    X = _valid_rows(X, mask, S.dtype)
+    n = X.shape[1]
+    if X.shape[0] == 0:
+        return
+    if n <= SYRK_PANEL:
+        S.addmm_(X.T, X, alpha=weight)
+        return
+    for lo in range(0, n, SYRK_PANEL):
+        hi = min(lo + SYRK_PANEL, n)
+        panel = X[:, lo:hi].T @ X[:, lo:]            # rows lo:hi, columns lo:n
+        S[lo:hi, lo:].add_(panel, alpha=weight)
+        S[hi:, lo:hi].add_(panel[:, hi - lo:].T, alpha=weight)
+
+
+def sqcov_update_(F: torch.Tensor, G: torch.Tensor, X: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None, weight: float = 1.0) -> None:
+    """F += weight * (G*G)^T diag(mask) (X*X), in place (the ``diag`` curvature's GEMM).
+
+    F: (p, q) fp32/fp64, G: (..., p), X: (..., q) with the same leading shape, mask as above.
+    """
+    G = _valid_rows(G, mask, F.dtype)
+    X = _valid_rows(X, mask, F.dtype)
+    if G.shape[0] == 0:
+        return
+    F.addmm_(G.square().T, X.square(), alpha=weight)
