@@ -28,19 +28,19 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] =
 
     S: (n, n) fp32/fp64, X: (..., n) any float dtype (leading dims flattened to N rows),
     mask: (...) bool or 0/1 with X's leading shape, rows with mask == 0 are skipped.
-    Only the upper panels of the product are computed; the lower ones are their transposes.
+    Only the upper panels of the product are computed; the lower ones are their transposes, so a
+    symmetric S stays exactly (bitwise) symmetric.
     """
     X = _valid_rows(X, mask, S.dtype)
     n = X.shape[1]
     if X.shape[0] == 0:
         return
-    if n <= SYRK_PANEL:
-        S.addmm_(X.T, X, alpha=weight)
-        return
     for lo in range(0, n, SYRK_PANEL):
         hi = min(lo + SYRK_PANEL, n)
         panel = X[:, lo:hi].T @ X[:, lo:]            # rows lo:hi, columns lo:n
-        S[lo:hi, lo:].add_(panel, alpha=weight)
+        diag = panel[:, : hi - lo]
+        S[lo:hi, lo:hi].add_(diag.triu() + diag.triu(1).T, alpha=weight)   # exactly symmetric
+        S[lo:hi, hi:].add_(panel[:, hi - lo:], alpha=weight)
         S[hi:, lo:hi].add_(panel[:, hi - lo:].T, alpha=weight)
 
 

@@ -1,0 +1,209 @@
+"""estimate_curvature on tiny peft Llamas against an independent brute-force per-token K-FAC."""
+import warnings
+
+import pytest
+import torch
+from bruteforce import brute_force_kfac
+from conftest import rel_err
+from models import ALL_PROJ, batches, tiny_llama
+
+from lalora_kernels import DegenerateCurvatureWarning, estimate_curvature
+
+TOL64 = 1e-6
+
+
+def _quiet(*a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateCurvatureWarning)
+        return estimate_curvature(*a, progress=False, **k)
+
+
+def _close(ours, ref, what):
+    if ref.abs().max() == 0:
+        assert ours is None or ours.abs().max() == 0, what
+        return
+    assert ours is not None, f"{what}: factor missing"
+    assert rel_err(ours, ref) <= TOL64, f"{what}: rel err {rel_err(ours, ref):.2e}"
+
+
+@pytest.mark.parametrize("nonzero_b", [True, False])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_kfac_blocks_equal_brute_force(nonzero_b, rslora):
+    model = tiny_llama(nonzero_b=nonzero_b, rslora=rslora)
+    data = batches()
+    ref, T = brute_force_kfac(model, data)
+    for variant in ("tri", "wkfac"):
+        curv = _quiet(model, data, variant=variant)
+        assert curv.num_tokens == T
+        for name, r in ref.items():
+            blk = curv.kfac_blocks(name)
+            _close(blk["lora_A"]["grad_cov"], r["A_grad"], f"{variant} {name} G_A")
+            _close(blk["lora_B"]["input_cov"], r["B_in"], f"{variant} {name} A_B")
+            _close(blk["lora_B"]["grad_cov"], r["B_grad"], f"{variant} {name} G_B")
+            if nonzero_b or variant == "wkfac":
+                _close(blk["lora_A"]["input_cov"], r["A_in"], f"{variant} {name} A_A")
+            if nonzero_b:
+                _close(blk["cross"]["grad_cross"], r["X_grad"], f"{variant} {name} cross G")
+                _close(blk["cross"]["input_cross"], r["X_in"], f"{variant} {name} cross A")
+            else:
+                assert r["A_grad"].abs().max() == 0   # B* = 0: the A block is truly zero
+
+
+@pytest.mark.parametrize("nonzero_b", [True, False])
+def test_diag_equals_brute_force(nonzero_b):
+    model = tiny_llama(nonzero_b=nonzero_b)
+    data = batches()
+    ref, _ = brute_force_kfac(model, data)
+    curv = _quiet(model, data, variant="diag")
+    for name, r in ref.items():
+        _close(curv.get("FA", name), r["FA"], f"{name} FA")
+        _close(curv.get("FB", name), r["FB"], f"{name} FB")
+
+
+def test_padding_never_enters_a_factor():
+    model = tiny_llama()
+    padded = batches(n=1, bsz=4, seq=8)[0]
+    singles = []
+    for b in range(4):
+        L = int(padded["attention_mask"][b].sum())
+        singles.append((padded["input_ids"][b:b + 1, :L], padded["labels"][b:b + 1, :L]))
+    a = _quiet(model, [padded], variant="wkfac")
+    b = _quiet(model, singles, variant="wkfac")
+    assert a.num_tokens == b.num_tokens == int(padded["attention_mask"].sum())
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-10, atol=1e-13)
+
+
+def _exact_fisher_sg(model, batch):
+    """Sg under the model's own predictive distribution: sum over positions and classes."""
+    import torch.nn.functional as F
+    from peft.tuners.lora import LoraLayer
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    model.eval()
+    outs = {}
+    hs = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o)) for n, m in mods.items()]
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    for h in hs:
+        h.remove()
+    probs = logits.softmax(-1).detach()
+    names = list(mods)
+    acc = {n: 0 for n in names}
+    B, L, V = probs.shape
+    for b in range(B):
+        for t in range(L):
+            for c in range(V):
+                dl = torch.zeros_like(logits)
+                dl[b, t] = probs[b, t]
+                dl[b, t, c] -= 1
+                gs = torch.autograd.grad(logits, [outs[n] for n in names], dl, retain_graph=True)
+                for n, g in zip(names, gs):
+                    g = g.reshape(-1, g.shape[-1])
+                    acc[n] = acc[n] + probs[b, t, c] * g.T @ g
+    T = batch["input_ids"].numel()
+    return {n: v / T for n, v in acc.items()}
+
+
+def test_mc_differs_from_empirical_and_converges_to_exact_fisher():
+    vocab = 5
+    model = tiny_llama(vocab=vocab, layers=1, hidden=16, inter=24, targets=["q_proj", "down_proj"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 5), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    exact = _exact_fisher_sg(model, batch)
+    emp = _quiet(model, [batch], variant="wkfac")
+    errs = {}
+    for S in (1, 16, 256):
+        mc = _quiet(model, [batch], variant="wkfac", fisher="mc", mc_samples=S,
+                    generator=torch.Generator().manual_seed(1))
+        errs[S] = max(rel_err(mc.get("Sg", n), exact[n]) for n in exact)
+        # Sx does not depend on labels
+        for k, t in mc.tensors.items():
+            if k.startswith("Sx/"):
+                torch.testing.assert_close(t, emp.tensors[k])
+    emp_err = max(rel_err(emp.get("Sg", n), exact[n]) for n in exact)
+    assert emp_err > 0.05, "empirical and true Fisher should differ on random labels"
+    assert errs[256] < errs[16] < errs[1]
+    assert errs[256] < 0.12, errs
+
+
+def test_shared_inputs_deduplicated_and_degenerate_factors_skipped():
+    layers = 2
+    model = tiny_llama(layers=layers, nonzero_b=False)
+    data = batches(n=1)
+    with pytest.warns(DegenerateCurvatureWarning, match="variant='kfac'.*wkfac.*pissa"):
+        kfac = estimate_curvature(model, data, variant="kfac", progress=False)
+    wk = estimate_curvature(model, data, variant="wkfac", progress=False)
+    # q/k/v share one Sx, gate/up share one: 4 Sx per layer, one Sg per adapter
+    assert wk.num_factors()["Sx"] == 4 * layers
+    assert wk.num_factors()["Sg"] == len(ALL_PROJ) * layers
+    # B* = 0: no Sx at all under kfac, and it shows in memory
+    assert "Sx" not in kfac.num_factors() and "Cbb" not in kfac.num_factors()
+    assert kfac.num_factors()["Sg"] == len(ALL_PROJ) * layers
+    nbytes = lambda c, kinds: sum(t.numel() * t.element_size() for k, t in c.tensors.items()  # noqa
+                                  if k.split("/")[0] in kinds)
+    assert kfac.memory_bytes() == nbytes(kfac, ("Sg", "Caa")) < wk.memory_bytes()
+    assert wk.memory_bytes() == nbytes(wk, ("Sx", "Sg"))
+    diag = _quiet(model, data, variant="diag")
+    assert "FA" not in diag.num_factors() and diag.num_factors()["FB"] == len(ALL_PROJ) * layers
+
+
+def test_model_state_is_restored_also_on_error():
+    model = tiny_llama()
+    model.train()
+    model.base_model.model.model.layers[0].mlp.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    p = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    p.grad = torch.ones_like(p)
+    p.requires_grad_(False)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+
+    def failing():
+        yield batches(n=1)[0]
+        raise RuntimeError("data loader broke")
+
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        _quiet(model, failing(), variant="kfac")
+    for fn in (lambda: None, lambda: _quiet(model, batches(n=1), variant="tri")):
+        fn()
+        assert {n: m.training for n, m in model.named_modules()} == modes
+        assert torch.equal(p.grad, torch.ones_like(p)) and not p.requires_grad
+        assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_same_curvature(reentrant):
+    data = batches()
+    ref = _quiet(tiny_llama(), data, variant="tri")
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    calls = []
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    h = layer.register_forward_hook(lambda *a: calls.append(1))
+    curv = _quiet(model, data, variant="tri")
+    h.remove()
+    assert len(calls) == 2 * len(data), "checkpointing should recompute each layer once per batch"
+    for k in ref.tensors:
+        torch.testing.assert_close(curv.tensors[k], ref.tensors[k], rtol=1e-10, atol=1e-13)
+
+
+def test_bf16_model_keeps_fp32_factors():
+    data = batches()
+    model = tiny_llama(torch.float64)
+    ref = _quiet(model, data, variant="wkfac")
+    curv = _quiet(model.to(torch.bfloat16), data, variant="wkfac")
+    assert curv.factor_dtype == torch.float32
+    for k, t in curv.tensors.items():
+        if k.startswith(("Sx/", "Sg/")):
+            assert rel_err(t, ref.tensors[k]) < 0.1, k
+
+
+def test_tuple_batches_and_max_batches():
+    data = batches(n=3, pad=False)
+    tuples = [(b["input_ids"], b["labels"]) for b in data]
+    a = _quiet(tiny_llama(), data[:2], variant="kfac")
+    b = _quiet(tiny_llama(), iter(tuples), variant="kfac", max_batches=2)
+    assert a.num_tokens == b.num_tokens
+    for k in a.tensors:
+        torch.testing.assert_close(a.tensors[k], b.tensors[k])

@@ -1,0 +1,122 @@
+"""lalora:: ops against float64 references: masks, odd sizes, dtypes, opcheck, torch.compile."""
+import pytest
+import torch
+from conftest import TOL
+
+import lalora_kernels  # noqa: F401
+from lalora_kernels import LaLoRARegularizer, estimate_curvature
+
+ops = torch.ops.lalora
+IN_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _acc_dtype(dt):
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("n", [1, 7, 63, 129, 300, 520])
+@pytest.mark.parametrize("dtype", IN_DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_cov_update_matches_float64(n, dtype, masked):
+    N = 37
+    X = torch.randn(N, n).to(dtype)
+    mask = (torch.rand(N) > 0.4) if masked else None
+    S0 = torch.randn(n, n, dtype=_acc_dtype(dtype))
+    S0 = S0 + S0.T
+    S = S0.clone()
+    ops.cov_update_(S, X, mask, 0.75)
+    Xd = X.double() if mask is None else X.double()[mask]
+    ref = S0.double() + 0.75 * Xd.T @ Xd
+    torch.testing.assert_close(S.double(), ref, **TOL[dtype if dtype != torch.float64 else torch.float64])
+    assert torch.equal(S, S.T), "a symmetric accumulator must stay exactly symmetric"
+
+
+def test_cov_update_handles_leading_dims_and_all_masked():
+    X = torch.randn(2, 5, 9, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    S = torch.zeros(9, 9, dtype=torch.float64)
+    ops.cov_update_(S, X, mask, 1.0)
+    Xv = torch.stack([X[0, 0], X[0, 1], X[1, 0]])
+    torch.testing.assert_close(S, Xv.T @ Xv)
+    before = S.clone()
+    ops.cov_update_(S, X, torch.zeros(2, 5), 1.0)
+    assert torch.equal(S, before)
+
+
+@pytest.mark.parametrize("dtype", IN_DTYPES)
+def test_sqcov_update_matches_float64(dtype):
+    N, p, q = 41, 5, 11
+    G, X = torch.randn(N, p).to(dtype), torch.randn(N, q).to(dtype)
+    mask = torch.rand(N) > 0.3
+    F = torch.rand(p, q, dtype=_acc_dtype(dtype))
+    F0 = F.clone()
+    ops.sqcov_update_(F, G, X, mask, 2.0)
+    ref = F0.double() + 2.0 * (G.double()[mask] ** 2).T @ (X.double()[mask] ** 2)
+    torch.testing.assert_close(F.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 12, 129)])
+def test_sym_gram_value_and_grad(shape):
+    b, R, n = shape
+    D = torch.randn(b, R, n, dtype=torch.float64, requires_grad=True)
+    X = torch.randn(b, n + 2, n, dtype=torch.float64)
+    S = X.transpose(1, 2) @ X
+    C = torch.randn(b, R, R, dtype=torch.float64)
+    G, Q = ops.sym_gram(D, S)
+    (G * C).sum().backward()
+    Dd = D.detach().clone().requires_grad_()
+    Gd = Dd @ S @ Dd.transpose(1, 2)
+    (Gd * C).sum().backward()
+    torch.testing.assert_close(G, Gd.detach())
+    torch.testing.assert_close(Q, D.detach() @ S)
+    torch.testing.assert_close(D.grad, Dd.grad)
+
+
+def test_sym_gram_bf16_input_grads_in_input_dtype():
+    D = torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    S = torch.eye(6).expand(2, 6, 6).contiguous()
+    G, _ = ops.sym_gram(D, S)
+    assert G.dtype == torch.float32
+    G.sum().backward()
+    assert D.grad.dtype == torch.bfloat16
+
+
+def test_opcheck_all_ops():
+    S = torch.randn(9, 9)
+    S = S @ S.T
+    X, mask = torch.randn(3, 4, 9), torch.rand(3, 4) > 0.5
+    torch.library.opcheck(ops.cov_update_, (S.clone(), X, mask, 0.5))
+    torch.library.opcheck(ops.cov_update_, (S.clone(), X, None, 1.0))
+    torch.library.opcheck(ops.sqcov_update_, (torch.rand(5, 9), torch.randn(3, 4, 5), X, mask, 1.5))
+    D = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    Sb = torch.stack([S, S]).double()
+    torch.library.opcheck(ops.sym_gram, (D, Sb))
+
+
+def test_compile_fullgraph_task_loss_plus_penalty():
+    from models import batches, tiny_llama
+    model = tiny_llama(torch.float32, layers=1, targets=["q_proj", "v_proj", "down_proj"])
+    model.eval()
+    data = batches(n=1)
+    curv = estimate_curvature(model, data, variant="tri", progress=False)
+    reg = LaLoRARegularizer(curv, lam=3.0, prior_precision=0.1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+
+    def step(m, batch):
+        return m(**batch).loss + reg(m)
+
+    def grads():
+        return [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+
+    eager = step(model, data[0])
+    eager.backward()
+    g_eager = grads()
+    model.zero_grad()
+    compiled = torch.compile(step, fullgraph=True)(model, data[0])
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(), g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
