@@ -147,7 +147,9 @@ class LaplacePenalty(nn.Module):
         for j, c in enumerate(self.a_classes):
             A0 = getattr(self, f"a{j}_A0")
             rows = torch.stack([A[self._pos[n]] for n in c.names]).to(self._dtype)   # (m, r, i)
-            D = torch.cat([rows, A0], dim=1) if wk else rows - A0
+            D = rows - A0
+            if wk:     # V = [A; dA]: with U = [dB, B*], U V = dB A + B* dA = dW, exact at the anchor
+                D = torch.cat([rows, D], dim=1)
             q = D.shape[1]
             G, _ = torch.ops.lalora.sym_gram(D.reshape(-1, c.per * q, c.dim), getattr(self, f"a{j}_S"))
             blocks = _blocks(G, c.per, q)
@@ -160,7 +162,8 @@ class LaplacePenalty(nn.Module):
         for j, c in enumerate(self.b_classes):
             B0 = getattr(self, f"b{j}_B0")
             cols = torch.stack([B[self._pos[n]] for n in c.names]).to(self._dtype)  # (m, o, r)
-            D = (torch.cat([cols, -B0], dim=2) if wk else cols - B0).transpose(1, 2)
+            D = cols - B0
+            D = (torch.cat([D, B0], dim=2) if wk else D).transpose(1, 2)
             G, _ = torch.ops.lalora.sym_gram(D, getattr(self, f"b{j}_S"))
             if wk:
                 gb.setdefault(c.rank, []).append(G)
@@ -171,7 +174,7 @@ class LaplacePenalty(nn.Module):
         for r, ia, ib, coef in self.pairs:
             Xa = torch.cat(ga[r]).index_select(0, getattr(self, ia))
             Xb = torch.cat(gb[r]).index_select(0, getattr(self, ib))
-            if wk:        # R = 1/2 s^2 <U^T Sg U, V Sx V^T>
+            if wk:        # R = 1/2 s^2 <U^T Sg U, V Sx V^T>, U = [dB, B*], V = [A; dA]
                 value = value + 0.5 * (getattr(self, coef) * (Xa * Xb).sum((1, 2))).sum()
             else:         # cross = s^2 tr(Z_a Z_b), Z_a = dA Ka^T, Z_b = dB^T Kb
                 value = value + (getattr(self, coef) * (Xa * Xb.transpose(1, 2)).sum((1, 2))).sum()

@@ -63,7 +63,7 @@ def penalty_closed_form(variant: str, A: Tensor, B: Tensor, A0: Tensor, B0: Tens
             gB = gB + c * Kb @ dA @ Ka.T
             gA = gA + c * Kb.T @ dB @ Ka
     elif variant == "wkfac":
-        dW = B @ A - B0 @ A0
+        dW = dB @ A + B0 @ dA          # = B A - B* A*, without cancellation near the anchor
         SgdWSx = Sg @ dW @ Sx
         value = 0.5 * c * (dW * SgdWSx).sum()
         gB = c * SgdWSx @ A.T
