@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 
 def main(argv=None) -> None:
@@ -18,6 +19,8 @@ def main(argv=None) -> None:
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    # peft reads a property that transformers 5 deprecated; it is not ours to fix and not news to a user
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.command == "demo":
         from .demo import run
         out = run(variant=args.variant, lam=args.lam, steps=args.steps, init=args.init, seed=args.seed,
