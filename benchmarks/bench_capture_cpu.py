@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--bsz", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     data = random_batches(args.batches, args.bsz, args.seq, 512)
     rows = []
@@ -64,7 +65,7 @@ def main():
                          "factors": sum(v for k, v in curv.num_factors().items() if k in ("Sx", "Sg")),
                          "factor_MiB": round(curv.memory_bytes() / 2**20, 2)})
             print(rows[-1], flush=True)
-    path = write("cpu_capture.json", rows, config=vars(args),
+    path = write("cpu_capture.json", rows, out=args.out, config=vars(args),
                  what="estimate_curvature vs plain forward+backward over the same batches (best of interleaved repeats)")
     print(table(rows, list(rows[0])))
     print(f"wrote {path}")

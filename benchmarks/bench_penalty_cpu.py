@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--inter", type=int, default=688)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--out", help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     model = llama_lora(hidden=args.hidden, inter=args.inter, layers=args.layers, heads=8, kv_heads=4,
                        vocab=256, r=args.rank, nonzero_b=0.02)
@@ -79,7 +80,7 @@ def main():
                      "loop_ms": round(t_l * 1e3, 3), "speedup": round(t_l / t_g, 2),
                      "factor_MiB": round(curv.memory_bytes() / 2**20, 2)})
         print(rows[-1], flush=True)
-    path = write("cpu_penalty.json", rows, config=vars(args),
+    path = write("cpu_penalty.json", rows, out=args.out, config=vars(args),
                  what="forward+backward of the penalty over all adapters, median seconds")
     print(table(rows, list(rows[0])))
     print(f"wrote {path}")

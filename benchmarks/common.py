@@ -33,9 +33,10 @@ def machine() -> dict:
             "device": "cpu"}
 
 
-def write(name: str, rows: list[dict], **extra) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / name
+def write(name: str, rows: list[dict], out: str | None = None, **extra) -> Path:
+    folder = Path(out) if out else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     path.write_text(json.dumps({"machine": machine(), **extra, "rows": rows}, indent=2) + "\n")
     return path
 

@@ -34,6 +34,10 @@ class LaplacePenalty(nn.Module):
 
     A, B: lists of the current LoRA weights in ``curvature.adapters`` order, ``A[k]`` (r, i) and
     ``B[k]`` (o, r), any float dtype, on the device of this module's buffers.
+
+    Construction stacks each class's factors into one buffer and re-points ``curvature``'s
+    tensors at views of it, so factor memory is not doubled. Moving this module with ``.to()``
+    moves the buffers only; the curvature keeps the old views.
     """
 
     def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
@@ -84,14 +88,14 @@ class LaplacePenalty(nn.Module):
         self.a_classes, self.b_classes = plan_sides(curv)
         tri, wk = self.variant == "tri", self.variant == "wkfac"
         for j, c in enumerate(self.a_classes):
-            self._buf(f"a{j}_S", torch.stack([curv.tensors[k] for k in c.factor_keys]))
+            self._adopt(curv, f"a{j}_S", c.factor_keys)
             self._stack(f"a{j}_A0", [get("A0", n) for n in c.names])
             if not wk:
                 self._stack(f"a{j}_C", [self._coef[n] * get("Cbb", n) for n in c.names])
             if tri:
                 self._stack(f"a{j}_K", [self._k(get("Ka", n), (c.rank, c.dim)) for n in c.names])
         for j, c in enumerate(self.b_classes):
-            self._buf(f"b{j}_S", torch.stack([curv.tensors[k] for k in c.factor_keys]))
+            self._adopt(curv, f"b{j}_S", c.factor_keys)
             self._stack(f"b{j}_B0", [get("B0", n) for n in c.names])
             if not wk:
                 self._stack(f"b{j}_C", [self._coef[n] * get("Caa", n) for n in c.names])
@@ -109,6 +113,14 @@ class LaplacePenalty(nn.Module):
             coef = torch.tensor([self._coef[n] for n in both], dtype=self._dtype)
             self.pairs.append((r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib),
                                self._buf(f"pair{r}_coef", coef)))
+
+    def _adopt(self, curv: LoRACurvature, name: str, keys: list[str]) -> None:
+        """Stack big factors into one buffer and point the curvature at views of it, so that the
+        factors are not held twice (the curvature's originals are freed class by class)."""
+        stack = torch.stack([curv.tensors[k] for k in keys])
+        self._buf(name, stack)
+        for j, k in enumerate(keys):
+            curv.tensors[k] = stack[j]
 
     def _k(self, t: Optional[Tensor], shape) -> Tensor:
         return torch.zeros(shape, dtype=self._dtype) if t is None else t

@@ -16,10 +16,11 @@ SYRK_PANEL = 256
 
 
 def _valid_rows(X: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    X = X.reshape(-1, X.shape[-1])
+    """X as (N, n) in ``dtype`` with masked rows zeroed (no data-dependent shapes: traceable)."""
+    X = X.reshape(-1, X.shape[-1]).to(dtype)
     if mask is not None:
-        X = X[mask.reshape(-1) != 0]
-    return X.to(dtype)
+        X = torch.where(mask.reshape(-1, 1) != 0, X, torch.zeros((), dtype=dtype, device=X.device))
+    return X
 
 
 def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -33,8 +34,6 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] =
     """
     X = _valid_rows(X, mask, S.dtype)
     n = X.shape[1]
-    if X.shape[0] == 0:
-        return
     for lo in range(0, n, SYRK_PANEL):
         hi = min(lo + SYRK_PANEL, n)
         panel = X[:, lo:hi].T @ X[:, lo:]            # rows lo:hi, columns lo:n
@@ -52,6 +51,4 @@ def sqcov_update_(F: torch.Tensor, G: torch.Tensor, X: torch.Tensor,
     """
     G = _valid_rows(G, mask, F.dtype)
     X = _valid_rows(X, mask, F.dtype)
-    if G.shape[0] == 0:
-        return
     F.addmm_(G.square().T, X.square(), alpha=weight)

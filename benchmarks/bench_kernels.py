@@ -1,0 +1,167 @@
+"""Kernel benchmarks: accumulation and grouped penalty vs baselines and measured ceilings.
+
+On CUDA, times are ``triton.testing.do_bench`` medians (quantiles 0.5/0.2/0.8), and every rate is
+reported next to the ceiling measured in the same run: a large device-to-device copy (GB/s) and a
+large bf16 ``torch.mm`` (TFLOP/s). ``--smoke`` runs tiny shapes anywhere (CPU: Triton
+interpreter, wall-clock medians) to check that the script works; its numbers mean nothing.
+
+Run: python benchmarks/bench_kernels.py [--smoke] [--models 1b,3b,8b] [--layers K] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_penalty_cpu import loop_penalty  # noqa: E402
+from common import machine, table  # noqa: E402
+
+# Llama layer shapes: hidden, MLP, GQA k/v width, layers
+LLAMA = {"1b": (2048, 8192, 512, 16), "3b": (3072, 8192, 1024, 28), "8b": (4096, 14336, 1024, 32)}
+SMOKE = {"smoke": (128, 192, 64, 2)}
+CUDA = torch.cuda.is_available()
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    if CUDA:
+        import triton.testing
+        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
+    fn()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def ceilings(dev, smoke) -> dict:
+    n = 1 << (20 if smoke else 28)
+    x = torch.empty(n, dtype=torch.float32, device=dev).normal_()
+    y = torch.empty_like(x)
+    copy_ms = bench(lambda: y.copy_(x))
+    m = 256 if smoke else 8192
+    a = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    mm_ms = bench(lambda: a @ a)
+    return {"copy_GBps": 2 * n * 4 / copy_ms / 1e6, "bf16_mm_TFLOPs": 2 * m**3 / mm_ms / 1e9}
+
+
+def accumulation(dev, shapes, ranks, tokens, ceil) -> list[dict]:
+    from lalora_kernels.triton.accumulate import cov_update_
+    rows = []
+    dims = sorted({d for h, i, kv, _ in shapes.values() for d in (h, i, kv)} | set(ranks))
+    for n in dims:
+        for N in tokens:
+            X = torch.randn(N, n, device=dev, dtype=torch.bfloat16)
+            S = torch.zeros(n, n, device=dev)
+            Sb = torch.zeros(n, n, device=dev, dtype=torch.bfloat16)
+            ours = bench(lambda: cov_update_(S, X, None, 1.0))
+            addmm = bench(lambda: Sb.addmm_(X.T, X))
+            tflops = 2 * N * n * n / ours / 1e9
+            rows.append({"n": n, "N": N, "ours_ms": round(ours, 4), "addmm_bf16_ms": round(addmm, 4),
+                         "speedup": round(addmm / ours, 2), "TFLOPs": round(tflops, 1),
+                         "of_mm_ceiling": round(tflops / ceil["bf16_mm_TFLOPs"], 3)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def adapter_set(dev, shape, r, layers):
+    """Random symmetric factors and anchors for LoRA on all seven projections of ``layers`` layers."""
+    from lalora_kernels import LoRACurvature
+    h, inter, kv, _ = shape
+    proj = [("q", h, h, 0), ("k", h, kv, 0), ("v", h, kv, 0), ("o", h, h, 1), ("gate", h, inter, 2),
+            ("up", h, inter, 2), ("down", inter, h, 3)]
+    Sx, sx_index, Sg, A0, B0 = [], [], [], [], []
+
+    def sym(n):
+        S = torch.randn(n, n, device=dev) / n
+        return S + S.T
+    for _ in range(layers):
+        base = len(Sx)
+        Sx += [sym(h), sym(h), sym(h), sym(inter)]
+        for _, i, o, j in proj:
+            sx_index.append(base + j)
+            Sg.append(sym(o))
+            A0.append(torch.randn(r, i, device=dev) / i**0.5)
+            B0.append(torch.randn(o, r, device=dev) / r)
+    return LoRACurvature.from_tensors(A0, B0, variant="tri", scaling=[2.0] * len(A0), Sx=Sx,
+                                      sx_index=sx_index, Sg=Sg)
+
+
+def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
+    from lalora_kernels import LaplacePenalty
+    rows = []
+    for name, shape in shapes.items():
+        layers = min(shape[3], layer_caps.get(name, shape[3]))
+        for r in ranks:
+            curv = adapter_set(dev, shape, r, layers)
+            nbytes = curv.memory_bytes()
+            pen = LaplacePenalty(curv, lam=1.0, normalize=None)
+            A = [(curv.get("A0", n) + 0.01).requires_grad_() for n in curv.adapters]
+            B = [(curv.get("B0", n) + 0.01).requires_grad_() for n in curv.adapters]
+            refs = [SimpleNamespace(name=n, A=a, B=b, scaling=2.0)
+                    for n, a, b in zip(curv.adapters, A, B)]
+            times = {}
+            for backend in ("triton", "torch"):
+                os.environ["LALORA_BACKEND"] = backend
+                times[backend] = bench(lambda: pen(A, B).backward())
+            os.environ.pop("LALORA_BACKEND")
+            times["loop"] = bench(lambda: loop_penalty(curv, refs, 1.0).backward())
+            floor = nbytes / ceil["copy_GBps"] / 1e6
+            rows.append({"model": name, "layers": layers, "r": r, "adapters": len(A),
+                         "factor_GB": round(nbytes / 1e9, 2), "ours_ms": round(times["triton"], 3),
+                         "torch_ref_ms": round(times["torch"], 3), "loop_ms": round(times["loop"], 3),
+                         "floor_ms": round(floor, 3), "x_floor": round(times["triton"] / floor, 2),
+                         "vs_loop": round(times["loop"] / times["triton"], 2)})
+            print(rows[-1], flush=True)
+            del curv, pen, A, B, refs
+            if CUDA:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script")
+    ap.add_argument("--models", default="1b,3b,8b")
+    ap.add_argument("--layers", default="", help="layers per model, e.g. 8b=8 (default: all)")
+    ap.add_argument("--ranks", default="8,16,64")
+    ap.add_argument("--tokens", default="4096,16384")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    dev = "cuda" if CUDA else "cpu"
+    if not CUDA and not args.smoke:
+        sys.exit("no GPU: run with --smoke (tiny shapes through the Triton interpreter)")
+    shapes = SMOKE if args.smoke else {k: LLAMA[k] for k in args.models.split(",")}
+    ranks = [8] if args.smoke else [int(r) for r in args.ranks.split(",")]
+    tokens = [256] if args.smoke else [int(t) for t in args.tokens.split(",")]
+    ceil = ceilings(dev, args.smoke)
+    print("ceilings", ceil, flush=True)
+    acc = accumulation(dev, shapes, ranks, tokens, ceil)
+    caps = {k: int(v) for k, v in (kv.split("=") for kv in args.layers.split(",") if kv)}
+    pen = penalty(dev, shapes, ranks, caps, ceil)
+    info = machine()
+    info["device"] = torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter, smoke)"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "smoke" if args.smoke else "gpu"
+    path = out / f"kernels_{tag}.json"
+    path.write_text(json.dumps({"machine": info, "ceilings": ceil, "accumulation": acc,
+                                "penalty": pen}, indent=2) + "\n")
+    print(f"\nceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 mm {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    print(table(acc, list(acc[0])))
+    print(table(pen, list(pen[0])))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

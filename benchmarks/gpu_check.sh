@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU session's check, in one go (< 7 minutes): correctness of the Triton backend on the GPU,
+# torch.compile tracing into the kernels, then the kernel benchmarks against ceilings measured in
+# the same run. Everything is written under $OUT (default benchmarks/results/gpu); a short table
+# is printed last. Runs from the repository root with the machine's own python3/torch/triton.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$OUT"
+{
+  date -u +%FT%TZ
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+status=0
+timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py \
+  tests/test_penalty.py tests/test_reference_math.py 2>&1 | tee "$OUT/correctness.txt" || status=1
+timeout 120 python3 benchmarks/gpu_compile_check.py 2>&1 | tee "$OUT/compile.txt" || status=1
+timeout 300 python3 benchmarks/bench_kernels.py --models 1b,3b,8b --layers 8b=8 --out "$OUT" \
+  2>&1 | tee "$OUT/bench.txt" || status=1
+
+echo "== summary (correctness: $( [ $status = 0 ] && echo ok || echo FAILED ))"
+tail -n 4 "$OUT/correctness.txt" | grep -E "passed|failed" || true
+cat "$OUT/compile.txt" | tail -n 1
+sed -n '/^ceilings:/,$p' "$OUT/bench.txt"
+exit $status

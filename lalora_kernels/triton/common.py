@@ -1,0 +1,37 @@
+"""Launch policy shared by the kernels: block sizes, N-splitting, dot precision."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Programs wanted per launch before the token axis is split (about 2 waves on an H200's 132 SMs).
+TARGET_PROGRAMS = 264
+# fp32 operands: "ieee" under the interpreter (exact), 3xTF32 on the GPU (fp32-class accuracy).
+FP32_DOT = "ieee" if INTERPRET else "tf32x3"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return FP32_DOT if dtype == torch.float32 else "ieee"
+
+
+def num_splits(tiles: int, N: int, min_rows: int, force: int | None = None) -> int:
+    """How many chunks to cut the token axis into so that small factors still fill the GPU."""
+    if force is not None:
+        return max(1, min(force, N))
+    if tiles >= TARGET_PROGRAMS:
+        return 1
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(N, min_rows)))
+
+
+def check_operands(acc: torch.Tensor, *inputs: torch.Tensor) -> None:
+    if acc.dtype != torch.float32:
+        raise ValueError(f"Triton kernels accumulate in float32; got a {acc.dtype} accumulator "
+                         "(float64 work runs on the torch backend: LALORA_BACKEND=torch)")
+    for t in inputs:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"Triton kernels take fp32/bf16/fp16 inputs, got {t.dtype}")
+        if t.device != acc.device:
+            raise ValueError(f"inputs on {t.device} but the accumulator is on {acc.device}")

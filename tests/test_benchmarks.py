@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end at tiny sizes (their numbers are not checked here)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(script, *args, env=None):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT,
+                   env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def test_cpu_benchmarks_smoke(tmp_path):
+    _run("bench_penalty_cpu.py", "--layers", "1", "--hidden", "32", "--inter", "48", "--rank", "2",
+         "--min-run-time", "0.01", "--out", str(tmp_path))
+    _run("bench_capture_cpu.py", "--layers", "1", "--hidden", "32", "--inter", "48", "--batches", "1",
+         "--bsz", "2", "--seq", "8", "--repeats", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "cpu_penalty.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"diag", "kfac", "tri", "wkfac"}
+    assert json.loads((tmp_path / "cpu_capture.json").read_text())["rows"]
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    pytest.importorskip("triton")
+    _run("bench_kernels.py", "--smoke", "--out", str(tmp_path), env={"TRITON_INTERPRET": "1"})
+    res = json.loads((tmp_path / "kernels_smoke.json").read_text())
+    assert res["accumulation"] and res["penalty"] and res["ceilings"]["copy_GBps"] > 0

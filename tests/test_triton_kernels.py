@@ -1,0 +1,126 @@
+"""Triton kernels against the float64 reference (TRITON_INTERPRET=1 on CPU, real kernels on GPU)."""
+import warnings
+
+import pytest
+import torch
+from conftest import TOL, rel_err
+
+pytest.importorskip("triton")
+
+from lalora_kernels.triton import accumulate, diag, gram  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
+              torch.float16: dict(rtol=1e-5, atol=1e-5)}
+
+
+def _ref_cov(S0, X, mask, w):
+    Xd = X.double()
+    if mask is not None:
+        Xd = Xd * (mask.double()[:, None] != 0)
+    return S0.double() + w * Xd.T @ Xd
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 129, 256])
+@pytest.mark.parametrize("N", [1, 63, 2048])
+def test_cov_update_shapes(n, N):
+    X = torch.randn(N, n, device=DEV)
+    mask = torch.rand(N, device=DEV) > 0.3
+    S0 = torch.randn(n, n, device=DEV)
+    S0 = S0 + S0.T
+    S = S0.clone()
+    accumulate.cov_update_(S, X, mask, 0.5)
+    # inputs are exact in fp32, so the only error is fp32 accumulation order
+    torch.testing.assert_close(S.double(), _ref_cov(S0, X, mask, 0.5), rtol=1e-5, atol=1e-4)
+    assert torch.equal(S, S.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_cov_update_dtypes_and_splits(dtype, splits):
+    N, n = 700, 129
+    X = torch.randn(N, n, device=DEV).to(dtype)
+    mask = torch.ones(N, dtype=torch.long, device=DEV)
+    mask[500:] = 0
+    S = torch.zeros(n, n, device=DEV)
+    accumulate.cov_update_(S, X, mask, 1.0, splits=splits)
+    ref = _ref_cov(torch.zeros(n, n), X.cpu(), mask.cpu(), 1.0)
+    # the kernel sees the same rounded inputs as the reference: only accumulation error remains
+    torch.testing.assert_close(S.double().cpu(), ref, **KERNEL_TOL[dtype], msg=lambda m: m)
+    again = torch.zeros(n, n, device=DEV)
+    accumulate.cov_update_(again, X, mask, 1.0, splits=splits)
+    assert torch.equal(S, again), "the reduction must be deterministic"
+
+
+def test_cov_update_all_masked_and_strided_input():
+    X = torch.randn(64, 200, device=DEV)[:, ::2]         # column stride 2
+    S = torch.randn(100, 100, device=DEV)
+    S = S + S.T
+    before = S.clone()
+    accumulate.cov_update_(S, X, torch.zeros(64, device=DEV), 1.0)
+    assert torch.equal(S, before)
+    accumulate.cov_update_(S, X, None, 2.0)
+    torch.testing.assert_close(S.double().cpu(), _ref_cov(before.cpu(), X.cpu(), None, 2.0),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("p,q", [(1, 7), (8, 129), (64, 256), (129, 3)])
+@pytest.mark.parametrize("N", [63, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sqcov_update(p, q, N, dtype):
+    G, X = torch.randn(N, p, device=DEV).to(dtype), torch.randn(N, q, device=DEV).to(dtype)
+    mask = torch.rand(N, device=DEV) > 0.25
+    F = torch.rand(p, q, device=DEV)
+    F0 = F.clone()
+    diag.sqcov_update_(F, G, X, mask, 0.3)
+    m = mask.double().cpu()[:, None]
+    ref = F0.double().cpu() + 0.3 * ((G.double().cpu() ** 2) * m).T @ (X.double().cpu() ** 2)
+    torch.testing.assert_close(F.double().cpu(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("b,R,n", [(1, 1, 7), (3, 7, 64), (2, 24, 129), (1, 192, 256), (2, 3, 1)])
+def test_sym_gram(b, R, n):
+    D = torch.randn(b, n, R, device=DEV).transpose(1, 2)  # strided, as the penalty passes dB^T
+    X = torch.randn(b, n + 3, n, device=DEV)
+    S = (X.transpose(1, 2) @ X / n).contiguous()
+    G, Q = gram.sym_gram(D, S)
+    Dd, Sd = D.double().cpu(), S.double().cpu()
+    assert rel_err(Q.cpu(), Dd @ Sd) < 1e-6
+    assert rel_err(G.cpu(), Dd @ Sd @ Dd.transpose(1, 2)) < 1e-6
+    G2, _ = gram.sym_gram(D, S)
+    assert torch.equal(G, G2)
+
+
+def test_ops_dispatch_to_triton_and_grouped_penalty(monkeypatch):
+    """The whole penalty through the op layer on the Triton backend equals the torch backend."""
+    from test_penalty import _closed_sum, _fused, _problem
+    for variant in ("kfac", "tri", "wkfac"):
+        p = _problem(torch.float32)
+        on = lambda ts: [t.detach().float().to(DEV) for t in ts]  # noqa: E731
+        A, B = [a.requires_grad_() for a in on(p["A"])], [b.requires_grad_() for b in on(p["B"])]
+        pd = dict(p, A=A, B=B, A0=on(p["A0"]), B0=on(p["B0"]), Sx=on(p["Sx"]), Sg=on(p["Sg"]))
+        monkeypatch.setenv("LALORA_BACKEND", "triton")
+        value = _fused(variant, pd, 1.1, 0.1)
+        value.backward()
+        monkeypatch.delenv("LALORA_BACKEND")
+        ref, gA, gB = _closed_sum(variant, p, 1.1, 0.1)
+        torch.testing.assert_close(value.double().cpu(), ref, **TOL[torch.float32])
+        for k in range(len(gA)):
+            torch.testing.assert_close(A[k].grad.double().cpu(), gA[k], **TOL[torch.float32])
+            torch.testing.assert_close(B[k].grad.double().cpu(), gB[k], **TOL[torch.float32])
+
+
+def test_capture_on_triton_backend_matches_torch(monkeypatch):
+    from models import batches, tiny_llama
+    from lalora_kernels import estimate_curvature
+    data = batches()
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LALORA_BACKEND", backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[backend] = {v: estimate_curvature(tiny_llama(torch.float32).to(DEV), data, variant=v,
+                                                  progress=False) for v in ("tri", "diag")}
+    for v, curv in out["triton"].items():
+        for k, t in curv.tensors.items():
+            torch.testing.assert_close(t, out["torch"][v].tensors[k], rtol=1e-5, atol=1e-6)
