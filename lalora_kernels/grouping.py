@@ -2,7 +2,7 @@
 
 * A side: adapters reading the same ``Sx`` form a *bundle*; their ``dA`` rows are stacked so that
   ``Sx`` is read once (``D_a = [dA_q; dA_k; dA_v]``). Bundles with the same (in_features, rank,
-  members) form a *class*, evaluated as one ``sym_gram`` over ``(bundles, K r, i)``.
+  members) form a *class*; every class of both sides goes into one ``grouped_gram`` call.
 * B side: each ``Sg`` serves one adapter; adapters with the same (out_features, rank) form a class.
 * Cross terms and ``wkfac`` pair an adapter's A-side result with its B-side one: both sides emit
   per-adapter ``r x r`` blocks, which are aligned through index tensors per rank.
@@ -59,3 +59,56 @@ def side_order(classes: list[SideClass]) -> dict[int, list[str]]:
     for c in classes:
         out.setdefault(c.rank, []).extend(c.names)
     return out
+
+
+@dataclass
+class GramLayout:
+    """Where every class's factors, stacked rows and Gram blocks live in the flat buffers of
+    ``lalora::grouped_gram``, and the launch tables of its Triton kernel.
+
+    classes: per class ``(n, R, m)`` (factor size, stacked rows per bundle, bundles), in the order
+    their ``D`` and factors are concatenated. Every offset is in elements.
+    """
+    classes: list[tuple[int, int, int]]
+    panel: int = 64                       # columns of S per program (the kernel's BLOCK_N)
+
+    def __post_init__(self):
+        self.d_off, self.s_off, self.g_off = [], [], []
+        d = s = g = 0
+        for n, R, m in self.classes:
+            self.d_off.append(d)
+            self.s_off.append(s)
+            self.g_off.append(g)
+            d, s, g = d + m * R * n, s + m * n * n, g + m * R * R
+        self.d_size, self.s_size, self.g_size = d, s, g
+
+    def flat_classes(self) -> list[int]:
+        """``[n, R, m, d_off, s_off, g_off]`` per class, flattened (the op's int[] argument)."""
+        return [v for c, d, s, g in zip(self.classes, self.d_off, self.s_off, self.g_off)
+                for v in (*c, d, s, g)]
+
+    @staticmethod
+    def block_r(R: int) -> int:
+        return 16 if R <= 16 else 32 if R <= 32 else 64
+
+    def tables(self):
+        """items ``(k, 5)`` [s_off, n, d_off, R, g_off]; work ``(w, 3)`` [item, row tile, panel] and
+        pairs ``(p, 4)`` [item, row tile, first work (bucket-local), panels], both sorted by bucket;
+        plan: per bucket ``[w_start, w_end, p_start, p_end, block_r, padded_cols]``."""
+        items, buckets = [], {}
+        for (n, R, m), d0, s0, g0 in zip(self.classes, self.d_off, self.s_off, self.g_off):
+            for b in range(m):
+                items.append((s0 + b * n * n, n, d0 + b * R * n, R, g0 + b * R * R))
+                buckets.setdefault(self.block_r(R), []).append(len(items) - 1)
+        work, pairs, plan = [], [], []
+        for br in sorted(buckets):
+            w0, p0 = len(work), len(pairs)
+            cols = max(-(-items[k][3] // br) * br for k in buckets[br])
+            for k in buckets[br]:
+                n, R = items[k][1], items[k][3]
+                panels = -(-n // self.panel)
+                for rt in range(-(-R // br)):
+                    pairs.append((k, rt, len(work) - w0, panels))
+                    work.extend((k, rt, pj) for pj in range(panels))
+            plan += [w0, len(work), p0, len(pairs), br, cols]
+        return items, work, pairs, plan

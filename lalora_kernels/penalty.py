@@ -4,9 +4,10 @@ the functional drop-in ``fused_laplace_penalty``.
     R = sum over adapters of  lam/c * R_F(dA, dB)  +  delta/2 ||dtheta||^2      (SPEC section 4)
 
 with ``c`` the ``mean_diag`` normalisation constant (1 when ``normalize=None``). Every read of a
-big factor goes through ``lalora::sym_gram`` on stacks of same-shaped bundles (see ``grouping``);
-the rest is O((o + i) r^2) per adapter, batched per class. Gradients come from autograd through
-``sym_gram``'s closed-form backward, which never reads a factor again.
+big factor happens in one ``lalora::grouped_gram`` call over all bundles of the model (factors in
+one flat arena, see ``grouping``); the rest is O((o + i) r^2) per adapter, batched per class.
+Gradients come from autograd through ``grouped_gram``'s closed-form backward, which never reads a
+factor again.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .curvature import AdapterInfo, LoRACurvature
-from .grouping import SideClass, plan_sides, side_order
+from .grouping import GramLayout, SideClass, plan_sides, side_order
+from .reference import class_views
 from .lora_layers import find_lora_layers
 
 NORMALIZE = (None, "mean_diag")
@@ -35,9 +37,9 @@ class LaplacePenalty(nn.Module):
     A, B: lists of the current LoRA weights in ``curvature.adapters`` order, ``A[k]`` (r, i) and
     ``B[k]`` (o, r), any float dtype, on the device of this module's buffers.
 
-    Construction stacks each class's factors into one buffer and re-points ``curvature``'s
-    tensors at views of it, so factor memory is not doubled. Moving this module with ``.to()``
-    moves the buffers only; the curvature keeps the old views.
+    Construction copies the factors into one flat arena and re-points ``curvature``'s tensors at
+    views of it, so factor memory is not doubled. Moving this module with ``.to()`` moves the
+    buffers only; the curvature keeps the old views.
     """
 
     def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
@@ -76,33 +78,43 @@ class LaplacePenalty(nn.Module):
         self.idx_A, self.idx_B = [], []
         self._buf("anchor_A", torch.cat([get("A0", n).reshape(-1).to(self._dtype) for n in self.names]))
         self._buf("anchor_B", torch.cat([get("B0", n).reshape(-1).to(self._dtype) for n in self.names]))
-        if self.variant == "diag":
-            self.diag_A = [n for n in self.names if get("FA", n) is not None]
-            self.diag_B = [n for n in self.names if get("FB", n) is not None]
-            for side, names in (("A", self.diag_A), ("B", self.diag_B)):
-                if names:
-                    self._buf(f"diag_F{side}", torch.cat([get(f"F{side}", n).reshape(-1) for n in names]))
-                    self._buf(f"diag_{side}0", torch.cat([get(f"{side}0", n).reshape(-1).to(self._dtype)
-                                                         for n in names]))
+        if self.variant == "diag":        # classes of same-shaped FA (resp. FB), stacked
+            self.diag_classes = []
+            for side in ("A", "B"):
+                shapes: dict[tuple, list[str]] = {}
+                for n in self.names:
+                    if get(f"F{side}", n) is not None:
+                        shapes.setdefault(tuple(get(f"F{side}", n).shape), []).append(n)
+                for j, names in enumerate(shapes.values()):
+                    key = f"diag{side}{j}"
+                    self._stack(f"{key}_F", [self._coef[n] * get(f"F{side}", n) for n in names])
+                    self._stack(f"{key}_0", [get(f"{side}0", n) for n in names])
+                    self.diag_classes.append((side, key, [self._pos[n] for n in names]))
             return
         self.a_classes, self.b_classes = plan_sides(curv)
         tri, wk = self.variant == "tri", self.variant == "wkfac"
+        q = 2 if wk else 1          # rows per adapter: [A; dA] / [dB, B*]^T for wkfac
+        layout = GramLayout([(c.dim, c.per * q * c.rank, len(c.factor_keys))
+                             for c in self.a_classes + self.b_classes])
+        self._adopt(curv, layout, [k for c in self.a_classes + self.b_classes for k in c.factor_keys])
+        items, work, pairs, self.plan = layout.tables()
+        for name, table in (("items", items), ("work", work), ("pairs", pairs)):
+            self._buf(name, torch.tensor(table, dtype=torch.int64).reshape(-1, len(table[0])))
+        self.classes = layout.flat_classes()
         for j, c in enumerate(self.a_classes):
-            self._adopt(curv, f"a{j}_S", c.factor_keys)
             self._stack(f"a{j}_A0", [get("A0", n) for n in c.names])
             if not wk:
                 self._stack(f"a{j}_C", [self._coef[n] * get("Cbb", n) for n in c.names])
             if tri:
                 self._stack(f"a{j}_K", [self._k(get("Ka", n), (c.rank, c.dim)) for n in c.names])
         for j, c in enumerate(self.b_classes):
-            self._adopt(curv, f"b{j}_S", c.factor_keys)
             self._stack(f"b{j}_B0", [get("B0", n) for n in c.names])
             if not wk:
                 self._stack(f"b{j}_C", [self._coef[n] * get("Caa", n) for n in c.names])
             if tri:
                 self._stack(f"b{j}_K", [self._k(get("Kb", n), (c.dim, c.rank)) for n in c.names])
         # pairing of A-side and B-side per-adapter blocks, per rank
-        self.pairs = []
+        self.rank_pairs = []
         a_order, b_order = side_order(self.a_classes), side_order(self.b_classes)
         for r in sorted(set(a_order) & set(b_order)):
             both = [n for n in a_order[r] if n in set(b_order[r])]
@@ -111,16 +123,22 @@ class LaplacePenalty(nn.Module):
             ia = torch.tensor([a_order[r].index(n) for n in both])
             ib = torch.tensor([b_order[r].index(n) for n in both])
             coef = torch.tensor([self._coef[n] for n in both], dtype=self._dtype)
-            self.pairs.append((r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib),
+            self.rank_pairs.append((r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib),
                                self._buf(f"pair{r}_coef", coef)))
 
-    def _adopt(self, curv: LoRACurvature, name: str, keys: list[str]) -> None:
-        """Stack big factors into one buffer and point the curvature at views of it, so that the
-        factors are not held twice (the curvature's originals are freed class by class)."""
-        stack = torch.stack([curv.tensors[k] for k in keys])
-        self._buf(name, stack)
-        for j, k in enumerate(keys):
-            curv.tensors[k] = stack[j]
+    def _adopt(self, curv: LoRACurvature, layout: GramLayout, keys: list[str]) -> None:
+        """Copy the big factors into one flat arena, in layout order, and point the curvature at
+        views of it, so that the factors are not held twice (originals are freed one by one)."""
+        first = curv.tensors[keys[0]]
+        arena = torch.empty(layout.s_size, dtype=first.dtype, device=first.device)
+        off = 0
+        for k in keys:
+            n = curv.tensors[k].shape[0]
+            view = arena[off:off + n * n].view(n, n)
+            view.copy_(curv.tensors[k])
+            curv.tensors[k] = view
+            off += n * n
+        self._buf("arena", arena)
 
     def _k(self, t: Optional[Tensor], shape) -> Tensor:
         return torch.zeros(shape, dtype=self._dtype) if t is None else t
@@ -142,48 +160,51 @@ class LaplacePenalty(nn.Module):
         return value
 
     def _diag(self, A, B) -> Tensor:
-        coef = self.lam / self.norm
         value = self.anchor_A.new_zeros(())
-        for side, names, W in (("A", self.diag_A, A), ("B", self.diag_B, B)):
-            if names:
-                d = torch.cat([W[self._pos[n]].reshape(-1) for n in names]).to(self._dtype)
-                d = d - getattr(self, f"diag_{side}0")
-                value = value + 0.5 * coef * (getattr(self, f"diag_F{side}") * d.square()).sum()
+        for side, key, pos in self.diag_classes:
+            W = A if side == "A" else B
+            d = torch.stack([W[k] for k in pos]).to(self._dtype) - getattr(self, f"{key}_0")
+            value = value + torch.ops.lalora.diag_quad(getattr(self, f"{key}_F"), d)[0]
         return value
 
     def _kron(self, A, B) -> Tensor:
         wk, tri = self.variant == "wkfac", self.variant == "tri"
+        Ds, dA, dB = [], [], []
+        for j, c in enumerate(self.a_classes):
+            rows = torch.stack([A[self._pos[n]] for n in c.names]).to(self._dtype)   # (m, r, i)
+            d = rows - getattr(self, f"a{j}_A0")
+            dA.append(d)
+            # V = [A; dA]: with U = [dB, B*], U V = dB A + B* dA = dW, exact at the anchor
+            Ds.append(torch.cat([rows, d], dim=1) if wk else d)
+        for j, c in enumerate(self.b_classes):
+            B0 = getattr(self, f"b{j}_B0")
+            d = torch.stack([B[self._pos[n]] for n in c.names]).to(self._dtype) - B0   # (m, o, r)
+            dB.append(d)
+            Ds.append((torch.cat([d, B0], dim=2) if wk else d).transpose(1, 2))
+        G_flat, _ = torch.ops.lalora.grouped_gram(torch.cat([D.reshape(-1) for D in Ds]), self.arena,
+                                                   self.items, self.work, self.pairs, self.plan,
+                                                   self.classes)
+        Gs = list(class_views(G_flat, self.classes, "G"))
         ga: dict[int, list[Tensor]] = {}
         gb: dict[int, list[Tensor]] = {}
         value = self.anchor_A.new_zeros(())
         for j, c in enumerate(self.a_classes):
-            A0 = getattr(self, f"a{j}_A0")
-            rows = torch.stack([A[self._pos[n]] for n in c.names]).to(self._dtype)   # (m, r, i)
-            D = rows - A0
-            if wk:     # V = [A; dA]: with U = [dB, B*], U V = dB A + B* dA = dW, exact at the anchor
-                D = torch.cat([rows, D], dim=1)
-            q = D.shape[1]
-            G, _ = torch.ops.lalora.sym_gram(D.reshape(-1, c.per * q, c.dim), getattr(self, f"a{j}_S"))
-            blocks = _blocks(G, c.per, q)
+            blocks = _blocks(Gs[j], c.per, Ds[j].shape[1])
             if wk:
                 ga.setdefault(c.rank, []).append(blocks)
             else:
                 value = value + 0.5 * (getattr(self, f"a{j}_C") * blocks).sum()
             if tri:
-                ga.setdefault(c.rank, []).append(D @ getattr(self, f"a{j}_K").transpose(1, 2))
+                ga.setdefault(c.rank, []).append(dA[j] @ getattr(self, f"a{j}_K").transpose(1, 2))
         for j, c in enumerate(self.b_classes):
-            B0 = getattr(self, f"b{j}_B0")
-            cols = torch.stack([B[self._pos[n]] for n in c.names]).to(self._dtype)  # (m, o, r)
-            D = cols - B0
-            D = (torch.cat([D, B0], dim=2) if wk else D).transpose(1, 2)
-            G, _ = torch.ops.lalora.sym_gram(D, getattr(self, f"b{j}_S"))
+            G = Gs[len(self.a_classes) + j]
             if wk:
                 gb.setdefault(c.rank, []).append(G)
             else:
                 value = value + 0.5 * (getattr(self, f"b{j}_C") * G).sum()
             if tri:
-                gb.setdefault(c.rank, []).append(D @ getattr(self, f"b{j}_K"))
-        for r, ia, ib, coef in self.pairs:
+                gb.setdefault(c.rank, []).append(dB[j].transpose(1, 2) @ getattr(self, f"b{j}_K"))
+        for r, ia, ib, coef in self.rank_pairs:
             Xa = torch.cat(ga[r]).index_select(0, getattr(self, ia))
             Xb = torch.cat(gb[r]).index_select(0, getattr(self, ib))
             if wk:        # R = 1/2 s^2 <U^T Sg U, V Sx V^T>, U = [dB, B*], V = [A; dA]

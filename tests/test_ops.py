@@ -55,27 +55,48 @@ def test_sqcov_update_matches_float64(dtype):
     torch.testing.assert_close(F.double(), ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 12, 129)])
-def test_sym_gram_value_and_grad(shape):
-    b, R, n = shape
-    D = torch.randn(b, R, n, dtype=torch.float64, requires_grad=True)
-    X = torch.randn(b, n + 2, n, dtype=torch.float64)
-    S = X.transpose(1, 2) @ X
-    C = torch.randn(b, R, R, dtype=torch.float64)
-    G, Q = ops.sym_gram(D, S)
-    (G * C).sum().backward()
+def gram_problem(classes, dtype=torch.float64, device="cpu"):
+    """Random flat D and SPD arena for a GramLayout, with the op's table arguments."""
+    from lalora_kernels.grouping import GramLayout
+    layout = GramLayout(classes)
+    items, work, pairs, plan = layout.tables()
+    S = []
+    for n, R, m in classes:
+        X = torch.randn(m, n + 3, n, dtype=dtype)
+        S.append((X.transpose(1, 2) @ X / n).reshape(-1))
+    tabs = [torch.tensor(t, dtype=torch.int64, device=device).reshape(-1, len(t[0])) for t in (items, work, pairs)]
+    D = torch.randn(layout.d_size, dtype=dtype, device=device)
+    return D, torch.cat(S).to(device), tabs, plan, layout.flat_classes()
+
+
+GRAM_CLASSES = [[(7, 1, 1)], [(64, 7, 3), (129, 24, 2)], [(5, 3, 2), (1, 2, 1), (256, 70, 1)]]
+
+
+@pytest.mark.parametrize("classes", GRAM_CLASSES)
+def test_grouped_gram_value_and_grad(classes):
+    from lalora_kernels.reference import class_views
+    D, arena, tabs, plan, flat = gram_problem(classes)
+    D.requires_grad_()
+    G, Q = ops.grouped_gram(D, arena, *tabs, plan, flat)
+    W = torch.randn_like(G)
+    (G * W).sum().backward()
+    ref = 0.0
     Dd = D.detach().clone().requires_grad_()
-    Gd = Dd @ S @ Dd.transpose(1, 2)
-    (Gd * C).sum().backward()
-    torch.testing.assert_close(G, Gd.detach())
-    torch.testing.assert_close(Q, D.detach() @ S)
+    for Dc, Sc, Gc, Qc, Wc in zip(class_views(Dd, flat, "D"), class_views(arena, flat, "S"),
+                                  class_views(G.detach(), flat, "G"), class_views(Q, flat, "D"),
+                                  class_views(W, flat, "G")):
+        Gr = Dc @ Sc @ Dc.transpose(1, 2)
+        torch.testing.assert_close(Gc, Gr.detach())
+        torch.testing.assert_close(Qc, (Dc @ Sc).detach())
+        ref = ref + (Gr * Wc).sum()
+    ref.backward()
     torch.testing.assert_close(D.grad, Dd.grad)
 
 
-def test_sym_gram_bf16_input_grads_in_input_dtype():
-    D = torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
-    S = torch.eye(6).expand(2, 6, 6).contiguous()
-    G, _ = ops.sym_gram(D, S)
+def test_grouped_gram_bf16_rows_grads_in_input_dtype():
+    D, arena, tabs, plan, flat = gram_problem([(6, 4, 2)], dtype=torch.float32)
+    D = D.bfloat16().requires_grad_()
+    G, _ = ops.grouped_gram(D, arena, *tabs, plan, flat)
     assert G.dtype == torch.float32
     G.sum().backward()
     assert D.grad.dtype == torch.bfloat16
@@ -88,9 +109,20 @@ def test_opcheck_all_ops():
     torch.library.opcheck(ops.cov_update_, (S.clone(), X, mask, 0.5))
     torch.library.opcheck(ops.cov_update_, (S.clone(), X, None, 1.0))
     torch.library.opcheck(ops.sqcov_update_, (torch.rand(5, 9), torch.randn(3, 4, 5), X, mask, 1.5))
-    D = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
-    Sb = torch.stack([S, S]).double()
-    torch.library.opcheck(ops.sym_gram, (D, Sb))
+    D, arena, tabs, plan, flat = gram_problem([(9, 3, 2), (4, 5, 1)])
+    torch.library.opcheck(ops.grouped_gram, (D.requires_grad_(), arena, *tabs, plan, flat))
+    torch.library.opcheck(ops.diag_quad, (torch.rand(3, 4, 5, dtype=torch.float64),
+                                          torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)))
+
+
+def test_diag_quad_value_and_grad():
+    F = torch.rand(4, 7, dtype=torch.float64)
+    D = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    v, FD = ops.diag_quad(F, D)
+    v.backward()
+    torch.testing.assert_close(v, 0.5 * (F * D.detach() ** 2).sum())
+    torch.testing.assert_close(D.grad, F * D.detach())
+    torch.testing.assert_close(FD, F * D.detach())
 
 
 def test_compile_fullgraph_task_loss_plus_penalty():

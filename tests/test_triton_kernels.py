@@ -78,17 +78,20 @@ def test_sqcov_update(p, q, N, dtype):
     torch.testing.assert_close(F.double().cpu(), ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("b,R,n", [(1, 1, 7), (3, 7, 64), (2, 24, 129), (1, 192, 256), (2, 3, 1)])
-def test_sym_gram(b, R, n):
-    D = torch.randn(b, n, R, device=DEV).transpose(1, 2)  # strided, as the penalty passes dB^T
-    X = torch.randn(b, n + 3, n, device=DEV)
-    S = (X.transpose(1, 2) @ X / n).contiguous()
-    G, Q = gram.sym_gram(D, S)
-    Dd, Sd = D.double().cpu(), S.double().cpu()
-    assert rel_err(Q.cpu(), Dd @ Sd) < 1e-6
-    assert rel_err(G.cpu(), Dd @ Sd @ Dd.transpose(1, 2)) < 1e-6
-    G2, _ = gram.sym_gram(D, S)
-    assert torch.equal(G, G2)
+@pytest.mark.parametrize("classes", [[(7, 1, 1)], [(64, 7, 3), (129, 24, 2)],
+                                     [(5, 3, 2), (1, 2, 1), (256, 70, 1), (100, 40, 2)]])
+def test_grouped_gram(classes):
+    from test_ops import gram_problem
+
+    from lalora_kernels.reference import grouped_gram as ref_gram
+    D, arena, tabs, plan, flat = gram_problem(classes, dtype=torch.float32, device=DEV)
+    g_size = sum(flat[c + 1] ** 2 * flat[c + 2] for c in range(0, len(flat), 6))
+    G, Q = gram.grouped_gram(D, arena, *tabs, plan, g_size)
+    Gr, Qr = ref_gram(D.double().cpu(), arena.double().cpu(), flat)
+    assert rel_err(Q.cpu(), Qr) < 1e-6
+    assert rel_err(G.cpu(), Gr) < 1e-6
+    G2, _ = gram.grouped_gram(D, arena, *tabs, plan, g_size)
+    assert torch.equal(G, G2), "the reduction must be deterministic"
 
 
 def test_ops_dispatch_to_triton_and_grouped_penalty(monkeypatch):

@@ -7,15 +7,34 @@ the (transposed) LoRA deltas that share the symmetric factor S (``dA`` rows agai
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
 def sym_gram(D: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """G = D S D^T and Q = D S, batched.
+    """G = D S D^T and Q = D S, batched. D: (b, R, n) any float dtype, S: (b, n, n) symmetric.
+    Returns G: (b, R, R) and Q: (b, R, n), both in S's dtype."""
+    D = D.to(S.dtype)
+    Q = torch.bmm(D, S)
+    return torch.bmm(Q, D.transpose(1, 2)), Q
 
-    D: (b, R, n) any float dtype (may be strided), S: (b, n, n) symmetric fp32/fp64.
-    Returns G: (b, R, R) and Q: (b, R, n), both in S's dtype.
-    """
-    Q = torch.bmm(D.to(S.dtype), S)
-    G = torch.bmm(Q, D.to(S.dtype).transpose(1, 2))
-    return G, Q
+
+def class_views(flat: torch.Tensor, classes: Sequence[int], kind: str):
+    """Per class, the (m, rows, cols) view of a flat buffer laid out by ``GramLayout``.
+    kind: 'D' (m, R, n), 'S' (m, n, n) or 'G' (m, R, R)."""
+    for c in range(0, len(classes), 6):
+        n, R, m, d_off, s_off, g_off = classes[c:c + 6]
+        rows, cols, off = {"D": (R, n, d_off), "S": (n, n, s_off), "G": (R, R, g_off)}[kind]
+        yield flat[off:off + m * rows * cols].view(m, rows, cols)
+
+
+def grouped_gram(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat form of ``sym_gram`` over every class of a ``GramLayout``: returns flat (G, Q)."""
+    Gs, Qs = [], []
+    for Dc, Sc in zip(class_views(D, classes, "D"), class_views(arena, classes, "S")):
+        G, Q = sym_gram(Dc, Sc)
+        Gs.append(G.reshape(-1))
+        Qs.append(Q.reshape(-1))
+    return torch.cat(Gs), torch.cat(Qs)

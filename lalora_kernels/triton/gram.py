@@ -1,10 +1,13 @@
-"""The penalty's factor product for a batch of bundles: ``Q = D S``, ``G = D S D^T`` (SPEC section 4).
+"""The penalty's factor product for every adapter of a model at once (SPEC section 4):
 
-D: (b, R, n) fp32/bf16/fp16, any strides (the stacked LoRA deltas of each bundle); S: (b, n, n)
-fp32 symmetric (the factor each bundle shares); R <= 256. Program (bundle, J) reads the column
-panel S[:, J] once, forms Q[:, J] = D S[:, J] in registers and its share Q[:, J] D[:, J]^T of the
-Gram; the panels' shares are added in a fixed order, so G is deterministic. Every factor element
-is read exactly once per call: the launch is bound by the bytes of S.
+    for every item k:   Q_k = D_k S_k,   G_k = D_k S_k D_k^T
+
+All factors live in one flat fp32 arena, all stacked rows ``D_k`` (R_k x n_k) in one flat buffer,
+addressed through an offset table ``items`` [s_off, n, d_off, R, g_off] (no pointer-to-pointer
+loads). One launch per row-block size covers every item: program (item, row tile, panel J) reads
+the column panel S_k[:, J] once, forms Q_k[rows, J] and its share of the Gram rows; a second small
+launch adds the panels' shares in a fixed order (deterministic G). Every factor element is read
+once per call, so the work is bound by the bytes of the arena.
 """
 from __future__ import annotations
 
@@ -15,50 +18,74 @@ from torch.library import wrap_triton
 
 from .common import FP32_DOT
 
-MAX_R = 256
+PANEL = 64
 
 
 @triton.jit
-def _gram_kernel(D, S, Q, Gp, R, n, sd_b, sd_r, sd_n, ss_b, ss_r, ss_c, sq_b, sq_r, sg_b, sg_j,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    bi = tl.program_id(0)
-    pj = tl.program_id(1)
-    rr = tl.arange(0, BLOCK_R)
+def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    w = w_start + pid
+    item = tl.load(work + 3 * w)
+    rt = tl.load(work + 3 * w + 1)
+    pj = tl.load(work + 3 * w + 2)
+    s_off = tl.load(items + 5 * item)
+    n = tl.load(items + 5 * item + 1)
+    d_off = tl.load(items + 5 * item + 2)
+    R = tl.load(items + 5 * item + 3)
+    rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     rj = pj * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_base = D + bi * sd_b
-    s_base = S + bi * ss_b
     q = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        d = tl.load(d_base + rr[:, None] * sd_r + rk[None, :] * sd_n,
-                    mask=(rr[:, None] < R) & (rk[None, :] < n), other=0.0).to(tl.float32)
-        s = tl.load(s_base + rk[:, None] * ss_r + rj[None, :] * ss_c,
+        d = tl.load(D + d_off + rr[:, None] * n + rk[None, :],
+                    mask=(rr[:, None] < R) & (rk[None, :] < n), other=0.0)
+        s = tl.load(S + s_off + rk[:, None] * n + rj[None, :],
                     mask=(rk[:, None] < n) & (rj[None, :] < n), other=0.0)
         q += tl.dot(d, s, input_precision=PRECISION)
-    tl.store(Q + bi * sq_b + rr[:, None] * sq_r + rj[None, :], q,
-             mask=(rr[:, None] < R) & (rj[None, :] < n))
-    dj = tl.load(d_base + rr[:, None] * sd_r + rj[None, :] * sd_n,
-                 mask=(rr[:, None] < R) & (rj[None, :] < n), other=0.0).to(tl.float32)
-    g = tl.dot(q, tl.trans(dj), input_precision=PRECISION)
-    tl.store(Gp + bi * sg_b + pj * sg_j + rr[:, None] * BLOCK_R + rr[None, :], g)
+    tl.store(Q + d_off + rr[:, None] * n + rj[None, :], q, mask=(rr[:, None] < R) & (rj[None, :] < n))
+    gp = Gp + pid.to(tl.int64) * BLOCK_R * cols
+    for c0 in range(0, R, BLOCK_R):
+        rc = c0 + tl.arange(0, BLOCK_R)
+        dc = tl.load(D + d_off + rc[:, None] * n + rj[None, :],
+                     mask=(rc[:, None] < R) & (rj[None, :] < n), other=0.0)
+        g = tl.dot(q, tl.trans(dc), input_precision=PRECISION)
+        tl.store(gp + tl.arange(0, BLOCK_R)[:, None] * cols + rc[None, :], g, mask=rc[None, :] < R)
 
 
-def sym_gram(D: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    b, R, n = D.shape
-    if S.dtype != torch.float32:
-        raise ValueError(f"the Triton sym_gram reads fp32 factors, got {S.dtype}")
-    if R > MAX_R:
-        raise ValueError(f"the Triton sym_gram handles up to {MAX_R} stacked rows per bundle, got {R}")
-    block_r = max(16, triton.next_power_of_2(R))
-    block_n = 64
-    panels = triton.cdiv(n, block_n)
-    Q = torch.empty((b, R, n), dtype=torch.float32, device=D.device)
-    Gp = torch.empty((b, panels, block_r, block_r), dtype=torch.float32, device=D.device)
-    wrap_triton(_gram_kernel)[(b, panels)](
-        D, S, Q, Gp, R, n, D.stride(0), D.stride(1), D.stride(2), S.stride(0), S.stride(1), S.stride(2),
-        Q.stride(0), Q.stride(1), Gp.stride(0), Gp.stride(1),
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=64, PRECISION=FP32_DOT,
-        num_warps=4 if block_r <= 64 else 8, num_stages=3)
-    G = Gp.sum(1)[:, :R, :R].contiguous()
+@triton.jit
+def _gram_reduce_kernel(Gp, G, items, pairs, p_start, cols, BLOCK_R: tl.constexpr):
+    p = p_start + tl.program_id(0)
+    item = tl.load(pairs + 4 * p)
+    rt = tl.load(pairs + 4 * p + 1)
+    first = tl.load(pairs + 4 * p + 2)
+    panels = tl.load(pairs + 4 * p + 3)
+    R = tl.load(items + 5 * item + 3)
+    g_off = tl.load(items + 5 * item + 4)
+    rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    local = tl.arange(0, BLOCK_R)
+    for c0 in range(0, R, BLOCK_R):
+        rc = c0 + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+        for k in range(0, panels):
+            base = Gp + (first + k).to(tl.int64) * BLOCK_R * cols
+            acc += tl.load(base + local[:, None] * cols + rc[None, :], mask=rc[None, :] < R, other=0.0)
+        tl.store(G + g_off + rr[:, None] * R + rc[None, :], acc, mask=(rr[:, None] < R) & (rc[None, :] < R))
+
+
+def grouped_gram(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor, work: torch.Tensor,
+                 pairs: torch.Tensor, plan: list[int], g_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: D (d_size,) fp32, arena (s_size,) fp32, tables from ``GramLayout.tables``."""
+    if arena.dtype != torch.float32 or D.dtype != torch.float32:
+        raise ValueError(f"the Triton grouped_gram takes fp32 D and arena, got {D.dtype}, {arena.dtype}")
+    Q = torch.empty_like(D)
+    G = torch.empty(g_size, dtype=torch.float32, device=D.device)
+    for b in range(0, len(plan), 6):
+        w0, w1, p0, p1, br, cols = plan[b:b + 6]
+        Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device)
+        wrap_triton(_gram_panels_kernel)[(w1 - w0,)](
+            D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br, BLOCK_N=PANEL, BLOCK_K=64,
+            PRECISION=FP32_DOT, num_warps=4, num_stages=3)
+        wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br, num_warps=4)
     return G, Q
