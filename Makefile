@@ -8,7 +8,7 @@ VENV := .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench peers
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
@@ -25,5 +25,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/lalora bench --out benchmarks/results/lalora_bench
 	$(BIN)/python benchmarks/bench_penalty_cpu.py
 	$(BIN)/python benchmarks/bench_capture_cpu.py
+
+# curvlinops (the peer `lalora bench` compares against) without letting it replace the pinned torch
+peers: setup
+	$(BIN)/python -m pip install -q --no-deps curvlinops-for-pytorch backpack-for-pytorch einconv \
+	  linear_operator opt-einsum unfoldNd einops scipy

@@ -1,95 +1,168 @@
-"""``lalora demo``: the package end to end on an embedded default (no downloads).
+"""``lalora demo``: learning vs forgetting, LoRA vs L2-to-anchor vs LaLoRA, end to end.
 
-A small Llama + LoRA is built from a config; curvature is estimated on proxy batches of a *source*
-distribution; LoRA is then fine-tuned on a *target* distribution, once plainly and once with the
-LaLoRA penalty, from the same initial state, data and seeds. Printed: curvature cost and memory
-(ours vs generic K-FAC on lora_A/lora_B), and per step the task loss, penalty and source loss.
+For each LoRA init (peft's zero-B default, and a non-zero one), on the same data, seeds and steps:
+plain LoRA; L2-to-anchor (prior precision only); LaLoRA with each curvature variant, over a lam
+sweep (``mean_diag``-normalised, so L2's delta and LaLoRA's lam share a scale). Curvature comes
+from a few proxy batches of source data. Reported: source accuracy (what was kept), target accuracy
+(what was learnt), curvature time and memory; as a table, JSON and a Pareto plot.
 """
 from __future__ import annotations
 
 import copy
+import json
 import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
 
-from .capture import estimate_curvature
+from .capture import DegenerateCurvatureWarning, estimate_curvature
+from .demo_tasks import accuracy, lm_loss, pretrained_base, task_batches
 from .penalty import LaLoRARegularizer
-from .tiny import add_lora, tiny_llama
+from .tiny import ALL_PROJ, add_lora
+
+VARIANTS = ("diag", "kfac", "tri", "wkfac")
 
 
-def _source_batches(n, bsz, seq, vocab, seed):
-    """Source task: tokens from the lower half of the vocabulary, each next token = previous + 1."""
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, vocab // 2, (n, bsz, 1), generator=g)
-    ids = (start + torch.arange(seq)) % (vocab // 2)
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
+@dataclass
+class Setup:
+    """What a comparison runs on: a base-model factory and the four data splits."""
+    base: Callable[[], nn.Module]
+    proxy: list[dict]          # source batches the curvature is estimated on
+    train: list[dict]          # target batches, one per fine-tuning step
+    eval_source: list[dict]
+    eval_target: list[dict]
+    device: str = "cpu"
+    targets: tuple = ALL_PROJ
+    name: str = "embedded"
+    info: dict = field(default_factory=dict)
 
 
-def _target_batches(n, bsz, seq, vocab, seed):
-    """Target task: tokens from the upper half, each next token = previous + 3."""
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, vocab // 2, (n, bsz, 1), generator=g)
-    ids = vocab // 2 + (start + 3 * torch.arange(seq)) % (vocab // 2)
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
+def embedded_setup(steps: int, progress: bool) -> Setup:
+    base = pretrained_base(progress)
+    return Setup(base=lambda: copy.deepcopy(base), proxy=task_batches("source", 2, seed=11),
+                 train=task_batches("target", steps, seed=12), eval_source=task_batches("source", 4, seed=13),
+                 eval_target=task_batches("target", 4, seed=14),
+                 info={"source": "next = previous + 1 over tokens 0..31",
+                       "target": "next = previous + 3 over tokens 32..63"})
 
 
-def _loss(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+def _to(batches, device):
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def generic_kfac_bytes(curv) -> int:
-    """fp32 bytes generic K-FAC would store treating lora_A and lora_B as separate Linears."""
-    return 4 * sum(a.in_features ** 2 + 2 * a.rank ** 2 + a.out_features ** 2 for a in curv.adapters.values())
+def _finetune(model, setup: Setup, reg: Optional[LaLoRARegularizer], lr: float, seed: int) -> None:
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    for b in setup.train:
+        loss = lm_loss(model, b)
+        if reg is not None:
+            loss = loss + reg(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
 
 
-def run(variant: str = "kfac", lam: float = 0.1, steps: int = 150, init: str = "pissa", seed: int = 0,
-        progress: bool = True) -> dict:
-    vocab, seq, bsz = 128, 32, 8
-    base = tiny_llama(hidden=128, inter=256, layers=2, vocab=vocab, seed=seed)
-    print("[1/3] pre-training the base model on the source task (60 steps)")
-    base_opt = torch.optim.AdamW(base.parameters(), lr=3e-3)
-    src = _source_batches(60, bsz, seq, vocab, seed)
-    for b in src:
-        _loss(base, b).backward()
-        base_opt.step()
-        base_opt.zero_grad()
-    model = add_lora(base, r=8, init_lora_weights=True if init == "zero" else init)
-    proxy, held_out = src[:4], _source_batches(4, bsz, seq, vocab, seed + 1)
-    target = _target_batches(steps, bsz, seq, vocab, seed + 2)
+def run_comparison(setup: Setup, *, inits=("zero", "pissa"), variants=VARIANTS, lams=(0.3, 1.0, 3.0, 10.0),
+                   r: int = 8, lr: float = 5e-3, seed: int = 0, progress: bool = True) -> list[dict]:
+    setup.train, setup.proxy = _to(setup.train, setup.device), _to(setup.proxy, setup.device)
+    rows = []
+    for init in inits:
+        torch.manual_seed(seed)
+        model0 = add_lora(setup.base(), r=r, targets=setup.targets,
+                          init_lora_weights=True if init == "zero" else init).to(setup.device)
+        model0.eval()
+        start = {"source_acc": accuracy(model0, setup.eval_source),
+                 "target_acc": accuracy(model0, setup.eval_target)}
+        rows.append({"init": init, "method": "before fine-tuning", "lam": 0.0, **start,
+                     "curv_s": 0.0, "factor_MiB": 0.0})
+        curvs, seconds = {}, {}
+        for v in variants:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():   # B* = 0 degeneracy: the table shows its effect
+                warnings.simplefilter("ignore", DegenerateCurvatureWarning)
+                curvs[v] = estimate_curvature(model0, setup.proxy, variant=v, progress=False)
+            seconds[v] = time.perf_counter() - t0
+        runs = [("lora", None, 0.0)] + [("l2", None, d) for d in lams] + \
+               [(v, curvs[v], lam) for v in variants for lam in lams]
+        for method, curv, lam in tqdm(runs, desc=f"fine-tuning runs (init={init})", disable=not progress):
+            model = copy.deepcopy(model0)
+            reg = None
+            if method == "l2":
+                reg = LaLoRARegularizer(curvs[variants[0]], lam=0.0, prior_precision=lam)
+            elif curv is not None:
+                reg = LaLoRARegularizer(curv, lam=lam)
+            _finetune(model, setup, None if reg is None else reg.to(setup.device), lr, seed)
+            rows.append({"init": init, "method": method, "lam": lam,
+                         "source_acc": accuracy(model, setup.eval_source),
+                         "target_acc": accuracy(model, setup.eval_target),
+                         "curv_s": round(seconds.get(method, 0.0), 3),
+                         "factor_MiB": round(curv.memory_bytes() / 2**20, 3) if curv is not None else 0.0})
+    return rows
 
-    print(f"[2/3] estimating '{variant}' curvature on {len(proxy)} proxy batches")
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| init | method | lam | source acc | target acc | curvature s | factors MiB |\n" \
+           "|---|---|---|---|---|---|---|"
+    body = [f"| {r['init']} | {r['method']} | {r['lam']:g} | {r['source_acc']:.3f} | {r['target_acc']:.3f} | "
+            f"{r['curv_s']:.2f} | {r['factor_MiB']:.2f} |" for r in rows]
+    return "\n".join([head, *body])
+
+
+def pareto_plot(rows: list[dict], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'lalora_kernels[plot]'): no plot written")
+        return None
+    inits = sorted({r["init"] for r in rows}, key=[r["init"] for r in rows].index)
+    fig, axes = plt.subplots(1, len(inits), figsize=(5.5 * len(inits), 4.5), squeeze=False)
+    for ax, init in zip(axes[0], inits):
+        sub = [r for r in rows if r["init"] == init]
+        for method in dict.fromkeys(r["method"] for r in sub):
+            pts = sorted((r for r in sub if r["method"] == method), key=lambda r: r["lam"])
+            style = "*" if len(pts) == 1 else "o-"
+            ax.plot([p["target_acc"] for p in pts], [p["source_acc"] for p in pts], style, label=method,
+                    markersize=10 if len(pts) == 1 else 5)
+        ax.set_xlabel("target accuracy (learnt)")
+        ax.set_ylabel("source accuracy (kept)")
+        ax.set_title(f"LoRA init: {init}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(out: str = "lalora_demo_out", quick: bool = False, steps: Optional[int] = None,
+        lams=None, inits=("zero", "pissa"), variants=VARIANTS, seed: int = 0, progress: bool = True,
+        setup: Optional[Setup] = None, lr: float = 5e-3) -> dict:
+    steps = steps or (50 if quick else 100)
+    lams = tuple(lams or ((1.0, 10.0) if quick else (0.3, 1.0, 3.0, 10.0)))
     t0 = time.perf_counter()
-    curv = estimate_curvature(model, proxy, variant=variant, progress=progress)
-    t_curv = time.perf_counter() - t0
-    ours, generic = curv.memory_bytes(), generic_kfac_bytes(curv)
-    print(f"      {curv}")
-    print(f"      time {t_curv:.2f}s, factor memory {ours / 2**20:.3f} MiB "
-          f"(generic K-FAC on lora_A/lora_B: {generic / 2**20:.3f} MiB)")
-
-    print(f"[3/3] fine-tuning on the target task, {steps} steps: plain LoRA vs LaLoRA (lam={lam})")
-    results = {}
-    for name, lam_k in (("lora", 0.0), ("lalora", lam)):
-        m = copy.deepcopy(model)
-        reg = LaLoRARegularizer(curv, lam=lam_k)
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=5e-3)
-        for step, b in enumerate(target):
-            task = _loss(m, b)
-            pen = reg(m)
-            (task + pen).backward()
-            opt.step()
-            opt.zero_grad()
-        with torch.no_grad():
-            src_loss = sum(float(_loss(m, b)) for b in held_out) / len(held_out)
-            tgt_loss = sum(float(_loss(m, b)) for b in target[-4:]) / 4
-            pen = float(LaLoRARegularizer(curv, lam=1.0)(m))
-        results[name] = {"source_loss": src_loss, "target_loss": tgt_loss, "penalty_lam1": pen}
-    with torch.no_grad():
-        before = sum(float(_loss(model, b)) for b in held_out) / len(held_out)
-    print(f"\n  source loss before fine-tuning: {before:.4f}")
-    print(f"  {'method':8s} {'source loss':>12s} {'target loss':>12s} {'penalty (lam=1)':>16s}")
-    for name, r in results.items():
-        print(f"  {name:8s} {r['source_loss']:12.4f} {r['target_loss']:12.4f} {r['penalty_lam1']:16.4g}")
-    return {"variant": variant, "lam": lam, "curvature_seconds": t_curv, "factor_bytes": ours,
-            "generic_kfac_bytes": generic, "source_loss_before": before, "results": results}
+    setup = setup or embedded_setup(steps, progress)
+    setup.train = (setup.train * (steps // max(len(setup.train), 1) + 1))[:steps]
+    rows = run_comparison(setup, inits=inits, variants=variants, lams=lams, lr=lr, seed=seed,
+                          progress=progress)
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    result = {"setup": setup.name, "info": setup.info, "steps": steps, "lams": list(lams), "seed": seed,
+              "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    (outdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (outdir / "results.md").write_text(table + "\n")
+    plot = pareto_plot(rows, outdir / "pareto.png")
+    print(table)
+    print(f"\n{len(rows)} rows in {result['seconds']} s; wrote {outdir / 'results.json'}, "
+          f"{outdir / 'results.md'}" + (f", {plot}" if plot else ""))
+    return result

@@ -1,18 +1,74 @@
-"""The main job runs end to end and LaLoRA keeps the source task better than plain LoRA."""
+"""`lalora demo` end to end: embedded default on a reduced budget, and --model on a saved tiny model."""
 import json
 import warnings
+
+import pytest
+import torch
 
 from lalora_kernels.cli import main
 
 
-def test_demo_runs_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "demo.json"
+def _check_outputs(out, inits, methods):
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert {r["init"] for r in rows} == set(inits)
+    assert {r["method"] for r in rows} == {"before fine-tuning", "lora", "l2", *methods}
+    for r in rows:
+        assert 0.0 <= r["source_acc"] <= 1.0 and 0.0 <= r["target_acc"] <= 1.0
+    assert (out / "results.md").read_text().startswith("| init | method |")
+    assert (out / "pareto.png").stat().st_size > 1000
+    return rows
+
+
+@pytest.mark.slow
+def test_demo_quick_reduced_budget(tmp_path):
+    out = tmp_path / "demo"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main(["demo", "--steps", "20", "--lam", "0.1", "--no-progress", "--json", str(out)])
-    res = json.loads(out.read_text())
-    assert res["factor_bytes"] > 0 and res["curvature_seconds"] > 0
-    r = res["results"]
-    assert r["lalora"]["source_loss"] < r["lora"]["source_loss"]
-    assert r["lalora"]["penalty_lam1"] < r["lora"]["penalty_lam1"]
-    assert "plain LoRA vs LaLoRA" in capsys.readouterr().out
+        main(["demo", "--quick", "--steps", "8", "--lams", "1", "--variants", "kfac", "wkfac",
+              "--no-progress", "--out", str(out)])
+    rows = _check_outputs(out, ["zero", "pissa"], ["kfac", "wkfac"])
+    before = [r for r in rows if r["method"] == "before fine-tuning"]
+    assert all(r["source_acc"] > 0.95 for r in before), "the cached base must know the source task"
+    kfac = [r for r in rows if r["method"] == "kfac"]
+    assert all(r["factor_MiB"] > 0 and r["curv_s"] > 0 for r in kfac)
+
+
+def _tiny_hf_folder(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    chars = list("abcdefghijklmnopqrstuvwxyz .,")
+    vocab = {c: k for k, c in enumerate(["<unk>", "<pad>", "</s>"] + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_demo_on_a_saved_model_and_jsonl(tmp_path):
+    model_dir = tmp_path / "model"
+    _tiny_hf_folder(model_dir)
+    src, tgt = tmp_path / "src.jsonl", tmp_path / "tgt.jsonl"
+    src.write_text("\n".join(json.dumps({"text": f"the cat sat on mat {k}."[:-2]}) for k in range(8)))
+    tgt.write_text("\n".join(json.dumps({"text": "a quick brown fox, " * (1 + k % 3)}) for k in range(10)))
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["demo", "--model", str(model_dir), "--source", str(src), "--target", str(tgt), "--steps", "3",
+              "--lams", "1", "--inits", "zero", "--variants", "kfac", "--no-progress", "--out", str(out)])
+    _check_outputs(out, ["zero"], ["kfac"])
+    assert json.loads((out / "results.json").read_text())["setup"] == str(model_dir)
+
+
+def test_demo_rejects_bad_files(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", str(tmp_path)])           # --source/--target missing
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "x"}\n{"content": "y"}\n')
+    from lalora_kernels.demo_files import read_jsonl
+    with pytest.raises(ValueError, match="'text' field"):
+        read_jsonl(str(bad))
