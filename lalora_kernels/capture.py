@@ -212,7 +212,7 @@ class _Capture:
         plan = self.plan
         tensors: dict[str, torch.Tensor] = {}
         for key, t in self.sums.items():
-            tensors[key] = t / num_tokens
+            tensors[key] = t.div_(num_tokens)
         adapters = {}
         for r in self.refs:
             n = r.name

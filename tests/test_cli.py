@@ -21,7 +21,8 @@ def _check_outputs(out, inits, methods):
 
 
 @pytest.mark.slow
-def test_demo_quick_reduced_budget(tmp_path):
+def test_demo_quick_reduced_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))   # pre-train from scratch, then cache
     out = tmp_path / "demo"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -32,6 +33,7 @@ def test_demo_quick_reduced_budget(tmp_path):
     assert all(r["source_acc"] > 0.95 for r in before), "the cached base must know the source task"
     kfac = [r for r in rows if r["method"] == "kfac"]
     assert all(r["factor_MiB"] > 0 and r["curv_s"] > 0 for r in kfac)
+    assert any((tmp_path / "cache" / "lalora_kernels").glob("demo-base-*/config.json"))
 
 
 def _tiny_hf_folder(path):
@@ -72,3 +74,26 @@ def test_demo_rejects_bad_files(tmp_path):
     from lalora_kernels.demo_files import read_jsonl
     with pytest.raises(ValueError, match="'text' field"):
         read_jsonl(str(bad))
+
+
+def test_bench_two_smallest_sizes(tmp_path):
+    out = tmp_path / "bench"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["bench", "--sizes", "tiny", "small", "--repeats", "1", "--no-peers", "--no-progress",
+              "--out", str(out)])
+    res = json.loads((out / "bench.json").read_text())
+    rows = [r for r in res["rows"] if r["backend"] == "torch"]
+    assert [r["size"] for r in rows] == ["tiny", "small"]
+    assert rows[0]["params"] < rows[1]["params"]
+    for r in rows:
+        assert r["proxy_vs_fwd_bwd"] > 0 and r["penalty_ms"] > 0 and r["peak_MiB"] > 0
+        assert 0 < r["factor_MiB"] <= r["generic_kfac_MiB"]
+    assert "torch" in res["loglog_slopes"]["proxy_s"]
+    assert (out / "cost_vs_params.png").stat().st_size > 1000
+    assert (out / "bench.md").read_text().startswith("| size |")
+
+
+def test_bench_rejects_unknown_size():
+    with pytest.raises(ValueError, match="unknown sizes"):
+        main(["bench", "--sizes", "gigantic", "--no-progress"])
