@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import INTERPRET, check_operands, dot_precision, num_splits
+from .common import INTERPRET, check_operands, dot_precision, live_rows, split_rows
 
 
 @triton.jit
@@ -36,9 +36,7 @@ def _syrk_kernel(X, M, P, N, n, rows_per_split, stride_xn, stride_xk, stride_ps,
     end = tl.minimum(start + rows_per_split, N)
     for k0 in range(start, end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        live = rk < end
-        if HAS_MASK:
-            live = live & (tl.load(M + rk, mask=rk < end, other=0) != 0)
+        live = live_rows(M, rk, end, HAS_MASK)
         a = tl.load(X + rk[:, None] * stride_xn + ri[None, :] * stride_xk,
                     mask=live[:, None] & (ri[None, :] < n), other=0.0)
         b = tl.load(X + rk[:, None] * stride_xn + rj[None, :] * stride_xk,
@@ -75,9 +73,7 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor], 
     block = 64 if INTERPRET or n <= 1024 else 128
     nt = triton.cdiv(n, block)
     tiles = nt * (nt + 1) // 2
-    k = num_splits(tiles, N, 512, splits)
-    rows = triton.cdiv(N, k)
-    k = triton.cdiv(N, rows)
+    k, rows = split_rows(tiles, N, splits)
     P = S if k == 1 else torch.zeros((k, n, n), dtype=torch.float32, device=S.device)
     wrap_triton(_syrk_kernel)[(nt * nt, k)](
         X, m if m is not None else X, P, N, n, rows, X.stride(0), X.stride(1),

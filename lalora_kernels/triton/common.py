@@ -5,6 +5,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programs wanted per launch before the token axis is split (about 2 waves on an H200's 132 SMs).
@@ -17,13 +18,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return FP32_DOT if dtype == torch.float32 else "ieee"
 
 
-def num_splits(tiles: int, N: int, min_rows: int, force: int | None = None) -> int:
-    """How many chunks to cut the token axis into so that small factors still fill the GPU."""
+def split_rows(tiles: int, N: int, force: int | None = None, min_rows: int = 512) -> tuple[int, int]:
+    """(chunks, rows per chunk) for the token axis, so that small factors still fill the GPU."""
     if force is not None:
-        return max(1, min(force, N))
-    if tiles >= TARGET_PROGRAMS:
-        return 1
-    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(N, min_rows)))
+        k = max(1, min(force, N))
+    elif tiles >= TARGET_PROGRAMS:
+        k = 1
+    else:
+        k = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(N, min_rows)))
+    rows = triton.cdiv(N, k)
+    return triton.cdiv(N, rows), rows
+
+
+@triton.jit
+def live_rows(M, rk, end, HAS_MASK: tl.constexpr):
+    """Token rows of this chunk that count: inside the chunk and, with a mask, not padding."""
+    live = rk < end
+    if HAS_MASK:
+        live = live & (tl.load(M + rk, mask=rk < end, other=0) != 0)
+    return live
 
 
 def check_operands(acc: torch.Tensor, *inputs: torch.Tensor) -> None:

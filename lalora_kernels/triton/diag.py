@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import FP32_DOT, check_operands, num_splits
+from .common import FP32_DOT, check_operands, live_rows, split_rows
 
 
 @triton.jit
@@ -30,9 +30,7 @@ def _sq_gemm_kernel(G, X, M, P, N, p, q, rows_per_split, stride_gn, stride_gk, s
     end = tl.minimum(start + rows_per_split, N)
     for k0 in range(start, end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        live = rk < end
-        if HAS_MASK:
-            live = live & (tl.load(M + rk, mask=rk < end, other=0) != 0)
+        live = live_rows(M, rk, end, HAS_MASK)
         g = tl.load(G + rk[:, None] * stride_gn + rp[None, :] * stride_gk,
                     mask=live[:, None] & (rp[None, :] < p), other=0.0).to(tl.float32)
         x = tl.load(X + rk[:, None] * stride_xn + rq[None, :] * stride_xk,
@@ -58,9 +56,7 @@ def sqcov_update_(F: torch.Tensor, G: torch.Tensor, X: torch.Tensor, mask: Optio
     m = None if mask is None else mask.reshape(-1).to(device=G.device, dtype=torch.int8)
     bp, bq = 64, 64
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
-    k = num_splits(tiles, N, 512, splits)
-    rows = triton.cdiv(N, k)
-    k = triton.cdiv(N, rows)
+    k, rows = split_rows(tiles, N, splits)
     P = F if k == 1 else torch.zeros((k, p, q), dtype=torch.float32, device=F.device)
     wrap_triton(_sq_gemm_kernel)[(tiles, k)](
         G, X, m if m is not None else G, P, N, p, q, rows, G.stride(0), G.stride(1), X.stride(0),
