@@ -152,11 +152,12 @@ class LaplacePenalty(nn.Module):
         if A[0].device != dev:
             raise ValueError(f"LoRA weights are on {A[0].device} but the penalty's factors are on {dev}; "
                              f"move the regulariser with .to({str(A[0].device)!r})")
-        value = self._diag(A, B) if self.variant == "diag" else self._kron(A, B)
-        if self.delta > 0:
-            dA = torch.cat([a.reshape(-1) for a in A]).to(self._dtype) - self.anchor_A
-            dB = torch.cat([b.reshape(-1) for b in B]).to(self._dtype) - self.anchor_B
-            value = value + 0.5 * self.delta * (dA.square().sum() + dB.square().sum())
+        with torch.autocast(device_type=dev.type, enabled=False):   # small products stay in fp32
+            value = self._diag(A, B) if self.variant == "diag" else self._kron(A, B)
+            if self.delta > 0:
+                dA = torch.cat([a.reshape(-1) for a in A]).to(self._dtype) - self.anchor_A
+                dB = torch.cat([b.reshape(-1) for b in B]).to(self._dtype) - self.anchor_B
+                value = value + 0.5 * self.delta * (dA.square().sum() + dB.square().sum())
         return value
 
     def _diag(self, A, B) -> Tensor:

@@ -1,0 +1,117 @@
+"""LaLoRA inside ``transformers.Trainer``: the penalty in ``compute_loss``, logged apart from the
+task loss, the curvature saved in every checkpoint and restored on resume.
+
+    trainer = LaLoRATrainer(model=peft_model, args=args, train_dataset=target_ds,
+                            lalora_source=source_ds, lalora_lam=0.1)       # or lalora_curvature=curv
+    trainer.train()
+
+The penalty is added once per optimizer step whatever the gradient accumulation: the trainer's
+own rule for whether it divides the loss by the accumulation steps decides how the penalty is
+scaled. It is computed in fp32 outside autocast. With several processes every rank adds the same
+(replicated) penalty, so DDP's gradient average leaves its gradient unchanged.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+from ..capture import estimate_curvature
+from ..curvature import LoRACurvature
+from ..penalty import LaLoRARegularizer
+
+CURVATURE_FILE = "lalora_curvature.safetensors"
+
+
+class LaLoRATrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (``class T(LaLoRATrainerMixin, Trainer)``).
+
+    lalora_curvature: a ``LoRACurvature``; or lalora_source: a dataset (batched with the trainer's
+    collator) or an iterable of batches to estimate one from, with ``lalora_variant``,
+    ``lalora_fisher`` and at most ``lalora_max_batches`` batches. lalora_lam,
+    lalora_prior_precision, lalora_normalize: as in ``LaLoRARegularizer``.
+    """
+
+    def __init__(self, *args, lalora_curvature: Optional[LoRACurvature] = None,
+                 lalora_source: Optional[Iterable] = None, lalora_lam: float = 1.0,
+                 lalora_prior_precision: float = 0.0, lalora_normalize: Optional[str] = "mean_diag",
+                 lalora_variant: str = "kfac", lalora_fisher: str = "empirical",
+                 lalora_max_batches: Optional[int] = 8, **kwargs):
+        super().__init__(*args, **kwargs)
+        if lalora_curvature is None:
+            if lalora_source is None:
+                raise ValueError("pass lalora_curvature (a LoRACurvature) or lalora_source (source data to "
+                                 "estimate it from)")
+            lalora_curvature = estimate_curvature(
+                self.model, self._lalora_batches(lalora_source), variant=lalora_variant,
+                fisher=lalora_fisher, max_batches=lalora_max_batches,
+                progress=self.args.disable_tqdm is False and self.is_world_process_zero())
+        self._lalora_cfg = dict(lam=lalora_lam, prior_precision=lalora_prior_precision,
+                                normalize=lalora_normalize)
+        self._lalora_set(lalora_curvature)
+        self._lalora_sums = {"lalora_penalty": 0.0, "task_loss": 0.0, "n": 0}
+
+    def _lalora_batches(self, source):
+        if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, list):
+            return torch.utils.data.DataLoader(source, batch_size=self.args.per_device_train_batch_size,
+                                               collate_fn=self.data_collator)
+        return source
+
+    def _lalora_set(self, curvature: LoRACurvature) -> None:
+        self.lalora_curvature = curvature
+        self.lalora = LaLoRARegularizer(curvature, **self._lalora_cfg).to(self.args.device)
+
+    # ---- loss ---------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        if model.training:
+            with torch.autocast(device_type=loss.device.type, enabled=False):
+                penalty = self.lalora(self.accelerator.unwrap_model(model))
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                    or self.compute_loss_func is not None
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            sums = self._lalora_sums
+            sums["lalora_penalty"] += float(penalty.detach()) / steps
+            sums["task_loss"] += float(loss.detach()) * (1 if scaled else 1 / steps)
+            sums["n"] += 1 / steps
+            loss = loss + (penalty / steps if scaled else penalty).to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        sums = self._lalora_sums
+        if "loss" in logs and sums["n"] > 0:
+            logs["lalora_penalty"] = round(sums["lalora_penalty"] / sums["n"], 6)
+            logs["task_loss"] = round(sums["task_loss"] / sums["n"], 6)
+            self._lalora_sums = {"lalora_penalty": 0.0, "task_loss": 0.0, "n": 0}
+        super().log(logs, *args, **kwargs)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.is_world_process_zero():
+            os.makedirs(output_dir, exist_ok=True)
+            self.lalora_curvature.save(os.path.join(output_dir, CURVATURE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, CURVATURE_FILE)
+        if os.path.exists(path):
+            self._lalora_set(LoRACurvature.load(path, device=self.args.device))
+
+
+def make_lalora_trainer(base):
+    """``LaLoRATrainerMixin`` on any Trainer subclass, e.g. ``make_lalora_trainer(trl.SFTTrainer)``."""
+    return type(f"LaLoRA{base.__name__}", (LaLoRATrainerMixin, base), {})
+
+
+def _plain_trainer():
+    from transformers import Trainer
+    return make_lalora_trainer(Trainer)
+
+
+LaLoRATrainer = _plain_trainer()

@@ -1,0 +1,98 @@
+"""LaLoRA inside transformers.Trainer: penalty logged, checkpointed, restored; accumulation-exact."""
+import os
+import warnings
+
+import pytest
+import torch
+from models import tiny_llama
+from transformers import TrainingArguments
+
+from lalora_kernels import LaLoRARegularizer, LoRACurvature
+from lalora_kernels.integrations import CURVATURE_FILE, LaLoRATrainer, LaLoRATrainerMixin
+from lalora_kernels.tiny import random_batches
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        b = random_batches(1, n, 8, 37, pad=False, seed=seed)[0]
+        self.rows = [{k: v[i] for k, v in b.items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, save_steps=2,
+                report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _trainer(tmp_path, **kw):
+    model = tiny_llama(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LaLoRATrainer(model=model, args=_args(tmp_path, **kw.pop("args", {})),
+                             train_dataset=Rows(16, seed=3), lalora_source=Rows(8, seed=4),
+                             lalora_variant="wkfac", lalora_lam=5.0, **kw)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trainer_logs_penalty_and_checkpoints_curvature(tmp_path, bf16):
+    trainer = _trainer(tmp_path, args={"bf16": bf16})
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    assert all("lalora_penalty" in h and "task_loss" in h for h in logs)
+    assert logs[0]["lalora_penalty"] == 0.0 and logs[-1]["lalora_penalty"] > 0   # starts at the anchor
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    saved = LoRACurvature.load(str(ckpt / CURVATURE_FILE))
+    for k, t in trainer.lalora_curvature.tensors.items():
+        assert torch.equal(saved.tensors[k], t.cpu())
+
+
+def test_resume_restores_the_curvature(tmp_path):
+    first = _trainer(tmp_path)
+    first.train()
+    ckpt = str(tmp_path / "run" / "checkpoint-2")
+    other = LoRACurvature.load(os.path.join(ckpt, CURVATURE_FILE))
+    key = next(k for k in other.tensors if k.startswith("Sg/"))
+    other.tensors[key] = other.tensors[key] * 3          # a different curvature to start from
+    second = _trainer(tmp_path, lalora_curvature=other)
+    second.train(resume_from_checkpoint=ckpt)
+    restored = LoRACurvature.load(os.path.join(ckpt, CURVATURE_FILE))
+    assert torch.equal(second.lalora_curvature.tensors[key].cpu(), restored.tensors[key])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_penalty_added_once_per_optimizer_step(tmp_path, steps):
+    trainer = _trainer(tmp_path, args={"gradient_accumulation_steps": steps})
+    trainer.current_gradient_accumulation_steps = steps
+    model = trainer.model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    pen = float(LaLoRARegularizer(trainer.lalora_curvature, lam=5.0)(model).detach())
+    for num_items in (None, int((batch["labels"][:, 1:] != -100).sum())):
+        torch.manual_seed(0)       # same dropout masks in both calls
+        with_pen = float(trainer.compute_loss(model, batch, num_items_in_batch=num_items).detach())
+        torch.manual_seed(0)
+        plain = float(super(LaLoRATrainerMixin, trainer).compute_loss(
+            model, batch, num_items_in_batch=num_items).detach())
+        scaled = (trainer.model_accepts_loss_kwargs and num_items is not None) or \
+            trainer.compute_loss_func is not None
+        # the trainer divides an unscaled loss by the accumulation steps itself
+        expected = pen / steps if scaled else pen
+        assert with_pen - plain == pytest.approx(expected, rel=1e-5)
+
+
+def test_trainer_needs_curvature_or_source(tmp_path):
+    with pytest.raises(ValueError, match="lalora_curvature.*lalora_source"):
+        LaLoRATrainer(model=tiny_llama(torch.float32), args=_args(tmp_path), train_dataset=Rows(4, 0))
