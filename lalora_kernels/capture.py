@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_variant
+from .distributed import all_reduce_sums, rank_generator
 from .lora_layers import LoRALayerRef, find_lora_layers
 from .reference import finalize
 
@@ -250,6 +251,9 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     'empirical' (data labels) or 'mc' (labels drawn from the model, ``mc_samples`` draws per
     position, ``generator`` seeds them). The anchors are the LoRA weights at call time. The model's
     train/eval mode, gradients and requires_grad flags are restored afterwards, also on error.
+    Under torch.distributed, each rank passes its own shard of the data: the factor sums and token
+    counts are added across ranks once at the end (every rank gets the same curvature), and MC
+    labels are drawn from a per-rank generator.
     """
     check_variant(variant)
     if fisher not in FISHERS:
@@ -262,6 +266,7 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     cap = _Capture(model, refs, variant)
     num_tokens = nb = 0
     it = batches if max_batches is None else itertools.islice(batches, max_batches)
+    generator = rank_generator(generator, cap.device) if fisher == "mc" else generator
     with cap.attached():
         for batch in tqdm(it, desc=f"lalora curvature ({variant})", disable=not progress,
                           total=max_batches, unit="batch"):
@@ -269,6 +274,7 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
             nb += 1
     if nb == 0:
         raise ValueError("batches is empty: pass at least one batch of source (proxy) data")
+    num_tokens = all_reduce_sums(cap.sums, num_tokens)   # no-op outside torch.distributed
     if num_tokens == 0:
         raise ValueError("every token of every batch is masked out (attention_mask all 0)")
     if cap.plan.degenerate:

@@ -96,3 +96,30 @@ def test_penalty_added_once_per_optimizer_step(tmp_path, steps):
 def test_trainer_needs_curvature_or_source(tmp_path):
     with pytest.raises(ValueError, match="lalora_curvature.*lalora_source"):
         LaLoRATrainer(model=tiny_llama(torch.float32), args=_args(tmp_path), train_dataset=Rows(4, 0))
+
+
+def test_trl_sft_trainer_with_lalora(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from test_cli import _tiny_hf_folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lalora_kernels.integrations import make_lalora_trainer
+    from lalora_kernels.tiny import add_lora
+    _tiny_hf_folder(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), r=4, nonzero_b=0.1)
+    texts = [f"the cat sat {'on the mat ' * (1 + k % 3)}" for k in range(12)]
+    source = [{k: v for k, v in tok(t, return_tensors="pt").items()} for t in texts[:2]]
+    source = [dict(b, labels=b["input_ids"].clone()) for b in source]
+    cfg = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2,
+                        logging_steps=1, save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True,
+                        dataset_text_field="text", max_length=32)
+    Trainer = make_lalora_trainer(trl.SFTTrainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"text": texts}),
+                          processing_class=tok, lalora_source=source, lalora_lam=1.0)
+        trainer.train()
+    assert any("lalora_penalty" in h for h in trainer.state.log_history)
+    assert (tmp_path / "sft" / "checkpoint-3" / CURVATURE_FILE).exists()

@@ -1,0 +1,80 @@
+"""Curvature estimation across torch.distributed ranks.
+
+Each rank accumulates factor *sums* over its own data shard; ``all_reduce_sums`` adds them once at
+the end. Symmetric sums travel as their upper triangle only, packed into buckets of about
+``BUCKET_BYTES`` so that a model's hundreds of factors cost a handful of collectives.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+BUCKET_BYTES = 64 << 20
+SYMMETRIC = ("Sx/", "Sg/", "Caa/", "Cbb/")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_generator(generator: Optional[torch.Generator], device) -> Optional[torch.Generator]:
+    """A generator whose seed differs per rank, so ranks draw independent MC labels."""
+    rank, size = world()
+    if size == 1:
+        return generator
+    base = generator.initial_seed() if generator is not None else torch.initial_seed()
+    return torch.Generator(device=device).manual_seed((base + 7919 * rank) % (2**63))
+
+
+def _pack(t: torch.Tensor, key: str) -> torch.Tensor:
+    if key.startswith(SYMMETRIC):
+        i, j = torch.triu_indices(t.shape[0], t.shape[1], device=t.device)
+        return t[i, j]
+    return t.reshape(-1)
+
+
+def _unpack(t: torch.Tensor, key: str, flat: torch.Tensor) -> None:
+    if key.startswith(SYMMETRIC):
+        i, j = torch.triu_indices(t.shape[0], t.shape[1], device=t.device)
+        t[i, j] = flat
+        t[j, i] = flat
+    else:
+        t.copy_(flat.view_as(t))
+
+
+def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int) -> int:
+    """Sum every rank's accumulators in place and return the total token count."""
+    rank, size = world()
+    if size == 1:
+        return num_tokens
+    keys = sorted(sums)
+    names = [None] * size
+    dist.all_gather_object(names, [(k, tuple(sums[k].shape)) for k in keys])
+    if any(n != names[0] for n in names):
+        raise RuntimeError("ranks accumulated different factors; every rank must hold the same model and "
+                           "LoRA config (anchors included) when estimating curvature")
+    bucket: list[str] = []
+    size_bytes = 0
+    for k in keys + [None]:
+        if k is not None:
+            bucket.append(k)
+            size_bytes += _pack(sums[k], k).numel() * sums[k].element_size()
+        if bucket and (k is None or size_bytes >= BUCKET_BYTES):
+            flat = torch.cat([_pack(sums[b], b) for b in bucket])
+            dist.all_reduce(flat)
+            off = 0
+            for b in bucket:
+                n = _pack(sums[b], b).numel()
+                _unpack(sums[b], b, flat[off:off + n])
+                off += n
+            bucket, size_bytes = [], 0
+    count = torch.tensor([num_tokens], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        count = count.cuda()
+    dist.all_reduce(count)
+    return int(count.item())
