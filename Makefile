@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/lalora bench --out benchmarks/results/lalora_bench
 	$(BIN)/python benchmarks/bench_penalty_cpu.py
 	$(BIN)/python benchmarks/bench_capture_cpu.py
+	$(BIN)/python benchmarks/bench_distributed_cpu.py
 
 # curvlinops (the peer `lalora bench` compares against) without letting it replace the pinned torch
 peers: setup

@@ -47,6 +47,16 @@ def _require(fin: dict, key: str, k: int) -> torch.Tensor:
     return fin[key]
 
 
+def adapter_tensor_keys(adapters: dict[str, AdapterInfo], names) -> list[str]:
+    """Every tensor key the adapters ``names`` may own (their shared Sx included)."""
+    keys = []
+    for n in names:
+        keys += [f"{kind}/{n}" for kind in ("A0", "B0", "Sg", "Caa", "Cbb", "Ka", "Kb", "FA", "FB")]
+        if adapters[n].has_sx and f"Sx/{adapters[n].sx_key}" not in keys:
+            keys.append(f"Sx/{adapters[n].sx_key}")
+    return keys
+
+
 class LoRACurvature:
     """Curvature factors, anchors and identity of every adapter; see the module docstring."""
 
@@ -153,6 +163,19 @@ class LoRACurvature:
             self.tensors[k] = t.to(device=device, dtype=None if anchor else dtype)
         return self
 
+    def subset(self, names) -> "LoRACurvature":
+        """The curvature of the adapters ``names`` only (tensors shared, not copied)."""
+        names = list(names)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise KeyError(f"adapters {unknown[:3]} are not in this curvature")
+        keys = adapter_tensor_keys(self.adapters, names)
+        return LoRACurvature(variant=self.variant, fisher=self.fisher, mc_samples=self.mc_samples,
+                             num_tokens=self.num_tokens, adapter_name=self.adapter_name,
+                             model_type=self.model_type, adapters={n: self.adapters[n] for n in names},
+                             tensors={k: self.tensors[k] for k in keys if k in self.tensors},
+                             norm_constant=self.norm_constant, version=self.version, layout=self.layout)
+
     # ---- interop ------------------------------------------------------------------------------
     def kfac_blocks(self, module_name: str) -> dict[str, dict[str, Optional[torch.Tensor]]]:
         """Generic per-Linear K-FAC of ``lora_A`` and ``lora_B`` for one adapter (SPEC section 2).
@@ -246,20 +269,26 @@ class LoRACurvature:
                   metadata={"lalora": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str, device="cpu") -> "LoRACurvature":
-        """Read a file written by ``save``; ``device`` is where the tensors go."""
+    def load(cls, path: str, device="cpu", adapters=None) -> "LoRACurvature":
+        """Read a file written by ``save``; ``device`` is where the tensors go. ``adapters``: load
+        only these adapters' tensors (a rank's share under ``shard_factors``)."""
         from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt", device=str(device)) as f:
             raw = (f.metadata() or {}).get("lalora")
-        if raw is None:
-            raise ValueError(f"{path!r} is not a LoRACurvature file (no 'lalora' metadata); "
-                             "write it with LoRACurvature.save")
-        meta = json.loads(raw)
-        if meta.get("layout", LAYOUT) != LAYOUT:
-            raise ValueError(f"{path!r} uses layout {meta['layout']!r}; this version reads {LAYOUT!r}")
-        tensors = load_file(path, device=str(device))
-        adapters = {k: AdapterInfo(**v) for k, v in meta.pop("adapters").items()}
-        return cls(adapters=adapters, tensors=tensors, **meta)
+            if raw is None:
+                raise ValueError(f"{path!r} is not a LoRACurvature file (no 'lalora' metadata); "
+                                 "write it with LoRACurvature.save")
+            meta = json.loads(raw)
+            if meta.get("layout", LAYOUT) != LAYOUT:
+                raise ValueError(f"{path!r} uses layout {meta['layout']!r}; this version reads {LAYOUT!r}")
+            infos = {k: AdapterInfo(**v) for k, v in meta.pop("adapters").items()}
+            if adapters is None:
+                tensors = load_file(path, device=str(device))
+            else:
+                infos = {n: infos[n] for n in adapters}
+                present = set(f.keys())
+                tensors = {k: f.get_tensor(k) for k in adapter_tensor_keys(infos, infos) if k in present}
+        return cls(adapters=infos, tensors=tensors, **meta)
 
     def __repr__(self) -> str:
         return (f"LoRACurvature(variant={self.variant!r}, fisher={self.fisher!r}, adapters="

@@ -78,3 +78,28 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int) -> int:
         count = count.cuda()
     dist.all_reduce(count)
     return int(count.item())
+
+
+def shard_adapters(adapters: dict, variant: str, size: int) -> list[list[str]]:
+    """Split adapters over ``size`` ranks, balanced by factor bytes. Adapters sharing an ``Sx``
+    stay together (the factor is then read once, on one rank). Deterministic."""
+    units: dict[str, list[str]] = {}
+    for name, a in adapters.items():
+        units.setdefault(a.sx_key if a.has_sx else name, []).append(name)
+
+    def nbytes(names):
+        a0 = adapters[names[0]]
+        total = a0.in_features ** 2 if a0.has_sx and variant != "diag" else 0
+        for n in names:
+            a = adapters[n]
+            total += a.out_features ** 2 if a.has_sg and variant != "diag" else 0
+            total += 2 * a.rank * (a.in_features + a.out_features)
+        return total
+    load = [0] * size
+    shares: list[list[str]] = [[] for _ in range(size)]
+    for key in sorted(units, key=lambda k: (-nbytes(units[k]), k)):
+        r = min(range(size), key=lambda j: (load[j], j))
+        shares[r] += units[key]
+        load[r] += nbytes(units[key])
+    order = {n: k for k, n in enumerate(adapters)}
+    return [sorted(s, key=order.__getitem__) for s in shares]

@@ -222,27 +222,56 @@ class LaLoRARegularizer(nn.Module):
     prior_precision: delta of ``P = lam F / c + delta I`` (alone, it is the L2-to-anchor baseline);
     normalize: 'mean_diag' divides F by its mean diagonal c so that lam means the same across models
     and data (SPEC section 6), None uses F as estimated.
+
+    shard_factors: under torch.distributed with DDP-averaged gradients, each rank keeps only the
+    factors of its share of the adapters (balanced by bytes) and returns ``world_size`` times its
+    share of the penalty, so that DDP's gradient average yields exactly the full penalty's gradient.
+    ``full_value(v)`` turns such a returned value into the whole penalty (for logging).
     """
 
     def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
-                 normalize: Optional[str] = "mean_diag"):
+                 normalize: Optional[str] = "mean_diag", shard_factors: bool = False):
         super().__init__()
+        from .distributed import shard_adapters, world
+        rank, size = world()
+        self.scale, self.sharded = 1, bool(shard_factors) and size > 1
+        if self.sharded:
+            share = shard_adapters(curvature.adapters, curvature.variant, size)[rank]
+            curvature = curvature.subset(share) if share else None
+            self.scale = size
         self.curvature = curvature
-        self.penalty = LaplacePenalty(curvature, lam, prior_precision, normalize)
+        self.penalty = None if curvature is None else LaplacePenalty(curvature, lam, prior_precision, normalize)
         self._bound: Optional[tuple[int, list[Tensor], list[Tensor]]] = None
 
     def _weights(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         if self._bound is None or self._bound[0] != id(model):
             refs = {r.name: r for r in find_lora_layers(model)}
-            self.curvature.check_model({n: r.shape for n, r in refs.items()})
+            layers = {n: r.shape for n, r in refs.items()}
+            if self.sharded:    # a rank's share: its adapters must exist in the model, as estimated
+                layers = {n: layers[n] for n in self.penalty.names if n in layers}
+            self.curvature.check_model(layers)
             names = self.penalty.names
             self._bound = (id(model), [refs[n].A for n in names], [refs[n].B for n in names])
         return self._bound[1], self._bound[2]
 
     def forward(self, model: nn.Module) -> Tensor:
-        return self.penalty(*self._weights(model))
+        if self.penalty is None:            # a rank with no share of the adapters
+            return next(model.parameters()).new_zeros((), dtype=torch.float32)
+        value = self.penalty(*self._weights(model))
+        return value * self.scale if self.sharded else value
 
     reg = forward
+
+    def full_value(self, value: Tensor) -> float:
+        """The whole penalty from what ``forward`` returned on this rank (all-reduced if sharded)."""
+        if not self.sharded:
+            return float(value.detach())
+        import torch.distributed as dist
+        v = (value.detach() / self.scale).reshape(1).to(torch.float64)
+        if dist.get_backend() == "nccl":
+            v = v.cuda()
+        dist.all_reduce(v)
+        return float(v)
 
 
 def fused_laplace_penalty(A: Sequence[Tensor], B: Sequence[Tensor], A_star: Sequence[Tensor],

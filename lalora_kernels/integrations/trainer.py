@@ -8,7 +8,9 @@ task loss, the curvature saved in every checkpoint and restored on resume.
 The penalty is added once per optimizer step whatever the gradient accumulation: the trainer's
 own rule for whether it divides the loss by the accumulation steps decides how the penalty is
 scaled. It is computed in fp32 outside autocast. With several processes every rank adds the same
-(replicated) penalty, so DDP's gradient average leaves its gradient unchanged.
+(replicated) penalty, so DDP's gradient average leaves its gradient unchanged; with
+``lalora_shard_factors=True`` each rank holds and evaluates only its share (see
+``LaLoRARegularizer``).
 """
 from __future__ import annotations
 
@@ -29,15 +31,16 @@ class LaLoRATrainerMixin:
 
     lalora_curvature: a ``LoRACurvature``; or lalora_source: a dataset (batched with the trainer's
     collator) or an iterable of batches to estimate one from, with ``lalora_variant``,
-    ``lalora_fisher`` and at most ``lalora_max_batches`` batches. lalora_lam,
-    lalora_prior_precision, lalora_normalize: as in ``LaLoRARegularizer``.
+    ``lalora_fisher`` and at most ``lalora_max_batches`` batches (under torch.distributed each
+    rank estimates on its own batches and the factors are reduced). lalora_lam,
+    lalora_prior_precision, lalora_normalize, lalora_shard_factors: as in ``LaLoRARegularizer``.
     """
 
     def __init__(self, *args, lalora_curvature: Optional[LoRACurvature] = None,
                  lalora_source: Optional[Iterable] = None, lalora_lam: float = 1.0,
                  lalora_prior_precision: float = 0.0, lalora_normalize: Optional[str] = "mean_diag",
                  lalora_variant: str = "kfac", lalora_fisher: str = "empirical",
-                 lalora_max_batches: Optional[int] = 8, **kwargs):
+                 lalora_max_batches: Optional[int] = 8, lalora_shard_factors: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if lalora_curvature is None:
             if lalora_source is None:
@@ -48,7 +51,7 @@ class LaLoRATrainerMixin:
                 fisher=lalora_fisher, max_batches=lalora_max_batches,
                 progress=self.args.disable_tqdm is False and self.is_world_process_zero())
         self._lalora_cfg = dict(lam=lalora_lam, prior_precision=lalora_prior_precision,
-                                normalize=lalora_normalize)
+                                normalize=lalora_normalize, shard_factors=lalora_shard_factors)
         self._lalora_set(lalora_curvature)
         self._lalora_sums = {"lalora_penalty": 0.0, "task_loss": 0.0, "n": 0}
 
@@ -75,7 +78,7 @@ class LaLoRATrainerMixin:
                     or self.compute_loss_func is not None
             steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             sums = self._lalora_sums
-            sums["lalora_penalty"] += float(penalty.detach()) / steps
+            sums["lalora_penalty"] += self.lalora.full_value(penalty) / steps
             sums["task_loss"] += float(loss.detach()) * (1 if scaled else 1 / steps)
             sums["n"] += 1 / steps
             loss = loss + (penalty / steps if scaled else penalty).to(loss.dtype)

@@ -1,0 +1,76 @@
+"""CPU, 2 gloo ranks: per-rank factor memory and penalty time, replicated vs shard_factors=True.
+
+Each rank runs the penalty's forward+backward for a 16-layer Llama-shaped model (112 adapters) with
+one thread (DDP's gradient all-reduce, which both modes share, is not included).
+Run: python benchmarks/bench_distributed_cpu.py [--layers 16 --hidden 256]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_seconds, table, write  # noqa: E402
+
+
+def _worker(rank, world, init_file, args, queue):
+    from lalora_kernels import LaLoRARegularizer, estimate_curvature
+    from lalora_kernels.tiny import llama_lora, random_batches
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = llama_lora(hidden=args.hidden, inter=args.inter, layers=args.layers, heads=8, kv_heads=4,
+                           vocab=256, r=8, nonzero_b=0.02)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            curv = estimate_curvature(model, random_batches(1, 2, 16, 256, seed=rank), variant=args.variant,
+                                      progress=False)
+        rows = []
+        for mode in ("replicated", "sharded"):
+            reg = LaLoRARegularizer(curv, lam=1.0, shard_factors=mode == "sharded")
+
+            def step():         # no collective inside: ranks may time different repeat counts
+                reg(model).backward()
+            t = median_seconds(step, args.min_run_time)
+            model.zero_grad()
+            held = sum(b.numel() * b.element_size() for b in reg.buffers())
+            rows.append({"mode": mode, "rank": rank, "adapters": len(reg.penalty.names),
+                         "factor_MiB": round(held / 2**20, 2), "penalty_ms": round(1e3 * t, 3)})
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        if rank == 0:
+            queue.put([r for rs in gathered for r in rs])
+    finally:
+        dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=688)
+    ap.add_argument("--variant", default="kfac")
+    ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--out", help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), args, queue), nprocs=2, join=True)
+    rows = sorted(queue.get(), key=lambda r: (r["mode"], r["rank"]))
+    path = write("cpu_distributed.json", rows, out=args.out, config=vars(args),
+                 what="per-rank penalty forward+backward (median) and factor bytes held, 2 gloo ranks")
+    print(table(rows, list(rows[0])))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
