@@ -123,3 +123,10 @@ def test_trl_sft_trainer_with_lalora(tmp_path):
         trainer.train()
     assert any("lalora_penalty" in h for h in trainer.state.log_history)
     assert (tmp_path / "sft" / "checkpoint-3" / CURVATURE_FILE).exists()
+
+
+def test_trainer_with_gradient_checkpointing(tmp_path):
+    trainer = _trainer(tmp_path, args={"gradient_checkpointing": True, "max_steps": 2, "save_steps": 2})
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "lalora_penalty" in h]
+    assert len(logs) == 2 and logs[-1]["lalora_penalty"] > 0
