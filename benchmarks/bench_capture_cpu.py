@@ -10,7 +10,6 @@ import argparse
 import time
 import warnings
 
-import torch
 import torch.nn.functional as F
 
 from common import table, write

@@ -123,7 +123,7 @@ def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
                          "floor_ms": round(floor, 3), "x_floor": round(times["triton"] / floor, 2),
                          "vs_loop": round(times["loop"] / times["triton"], 2)})
             print(rows[-1], flush=True)
-            del curv, pen, A, B, refs
+            curv = pen = A = B = refs = None   # free this set before building the next
             if CUDA:
                 torch.cuda.empty_cache()
     return rows

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .curvature import AdapterInfo, LoRACurvature
-from .grouping import GramLayout, SideClass, plan_sides, side_order
+from .grouping import GramLayout, plan_sides, side_order
 from .reference import class_views
 from .lora_layers import find_lora_layers
 

@@ -1,7 +1,6 @@
 """Per-token K-FAC of lora_A and lora_B computed from scratch with autograd (shares no code with
 lalora_kernels): hooks on the lora_A / lora_B sub-modules keep their inputs and outputs, the summed
 cross-entropy is back-propagated, and the per-token factors are averaged over valid tokens."""
-import torch
 import torch.nn.functional as F
 
 

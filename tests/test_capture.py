@@ -77,7 +77,6 @@ def test_padding_never_enters_a_factor():
 
 def _exact_fisher_sg(model, batch):
     """Sg under the model's own predictive distribution: sum over positions and classes."""
-    import torch.nn.functional as F
     from peft.tuners.lora import LoraLayer
     mods = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     model.eval()

@@ -79,6 +79,19 @@ def _lora_params(model):
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
+def _moved_model():
+    """The test model in eval mode (no dropout) with LoRA weights moved off the anchor, the same
+    on every rank and in the single process."""
+    from models import tiny_llama
+    model = tiny_llama()
+    model.eval()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for p in _lora_params(model):
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 def _train(model, reg, batches, steps=3):
     opt = torch.optim.SGD(_lora_params(model), lr=0.05)
     for b in batches[:steps]:
@@ -102,12 +115,7 @@ def _penalty_worker(rank, world, init_file, out_dir):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             curv = estimate_curvature(tiny_llama(), data[rank::world], variant="tri", progress=False)
-        model = tiny_llama()
-        model.eval()                                          # no dropout: runs must be comparable
-        torch.manual_seed(11)
-        with torch.no_grad():
-            for p in _lora_params(model):
-                p.add_(0.05 * torch.randn_like(p))
+        model = _moved_model()
         rep = LaLoRARegularizer(curv, lam=2.0, prior_precision=0.1)
         sh = LaLoRARegularizer(curv, lam=2.0, prior_precision=0.1, shard_factors=True)
         params = _lora_params(model)
@@ -124,12 +132,7 @@ def _penalty_worker(rank, world, init_file, out_dir):
                "bytes_sh": sum(b.numel() * b.element_size() for b in sh.penalty.buffers())}
         local = [{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()} for b in data]   # 2 rows each
         for mode, reg in (("replicated", rep), ("sharded", sh)):
-            m = tiny_llama()
-            m.eval()
-            torch.manual_seed(11)
-            with torch.no_grad():
-                for p in _lora_params(m):
-                    p.add_(0.05 * torch.randn_like(p))
+            m = _moved_model()
             reg._bound = None
             _train(DDP(m), reg, local)
             out[mode] = [p.detach().reshape(-1).tolist() for p in _lora_params(m)]
@@ -155,12 +158,7 @@ def test_sharded_penalty_and_ddp_training(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         curv = estimate_curvature(tiny_llama(), data, variant="tri", progress=False)
-    m = tiny_llama()
-    m.eval()
-    torch.manual_seed(11)
-    with torch.no_grad():
-        for p in _lora_params(m):
-            p.add_(0.05 * torch.randn_like(p))
+    m = _moved_model()
     _train(m, LaLoRARegularizer(curv, lam=2.0, prior_precision=0.1), data)
     ref = [p.detach().reshape(-1) for p in _lora_params(m)]
     for mode in ("replicated", "sharded"):
