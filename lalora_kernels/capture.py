@@ -129,7 +129,7 @@ class _Capture:
         if t.shape[0] != self.valid.numel():
             raise RuntimeError(f"a LoRA layer saw {t.shape[0]} tokens but the batch has "
                                f"{self.valid.numel()}; sequence packing inside the model is not supported")
-        return t[self.valid].to(self.dtype)
+        return t[self.valid]
 
     def _acc(self, key: str, shape) -> torch.Tensor:
         if key not in self.sums:
@@ -139,6 +139,8 @@ class _Capture:
     def _accumulate(self, ref: LoRALayerRef, x: torch.Tensor, g: torch.Tensor) -> None:
         plan, n = self.plan, ref.name
         w, first = self.sample_weight, self.sample == 0
+        # rows stay in the model's dtype for the big covariances (bf16 in, fp32 accumulate); the
+        # r-column projections are formed in the accumulator's dtype
         X, G = self._rows(x.detach()), self._rows(g)
         A0, B0 = plan.A0[n].to(self.dtype), plan.B0[n].to(self.dtype)
         i, o, r, s = ref.shape
@@ -148,13 +150,13 @@ class _Capture:
             ops.cov_update_(self._acc(f"Sg/{n}", (o, o)), G, None, w)
         if self.variant in ("kfac", "tri"):
             if plan.need_sg[n] and first:       # Caa = cov(A* x): the B block's input factor
-                ops.cov_update_(self._acc(f"Caa/{n}", (r, r)), X @ A0.T, None, 1.0)
+                ops.cov_update_(self._acc(f"Caa/{n}", (r, r)), X.to(self.dtype) @ A0.T, None, 1.0)
             if plan.need_sx[n]:                 # Cbb = cov(B*^T g): the A block's gradient factor
-                ops.cov_update_(self._acc(f"Cbb/{n}", (r, r)), G @ B0, None, w)
+                ops.cov_update_(self._acc(f"Cbb/{n}", (r, r)), G.to(self.dtype) @ B0, None, w)
         if plan.need_fa[n]:
-            ops.sqcov_update_(self._acc(f"FA/{n}", (r, i)), G @ B0, X, None, w * s * s)
+            ops.sqcov_update_(self._acc(f"FA/{n}", (r, i)), G.to(self.dtype) @ B0, X, None, w * s * s)
         if plan.need_fb[n]:
-            ops.sqcov_update_(self._acc(f"FB/{n}", (o, r)), G, X @ A0.T, None, w * s * s)
+            ops.sqcov_update_(self._acc(f"FB/{n}", (o, r)), G, X.to(self.dtype) @ A0.T, None, w * s * s)
 
     def _groups_from_first_forward(self) -> dict[str, str]:
         groups: dict[str, str] = {}

@@ -113,7 +113,8 @@ def test_ops_dispatch_to_triton_and_grouped_penalty(monkeypatch):
             torch.testing.assert_close(B[k].grad.double().cpu(), gB[k], **TOL[torch.float32])
 
 
-def test_capture_on_triton_backend_matches_torch(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capture_on_triton_backend_matches_torch(monkeypatch, dtype):
     from models import batches, tiny_llama
     from lalora_kernels import estimate_curvature
     data = batches()
@@ -122,7 +123,7 @@ def test_capture_on_triton_backend_matches_torch(monkeypatch):
         monkeypatch.setenv("LALORA_BACKEND", backend)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out[backend] = {v: estimate_curvature(tiny_llama(torch.float32).to(DEV), data, variant=v,
+            out[backend] = {v: estimate_curvature(tiny_llama(dtype).to(DEV), data, variant=v,
                                                   progress=False) for v in ("tri", "diag")}
     for v, curv in out["triton"].items():
         for k, t in curv.tensors.items():
