@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 demo: setup
 	$(BIN)/lalora demo
 
-test: setup
+test: setup peers
 	$(BIN)/python -m pytest -q
 
 bench: setup
@@ -30,7 +30,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_capture_cpu.py
 	$(BIN)/python benchmarks/bench_distributed_cpu.py
 
-# curvlinops (the peer `lalora bench` compares against) without letting it replace the pinned torch
-peers: setup
+# curvlinops (the peer `lalora bench` compares against and the tests cross-check) without letting
+# it replace the pinned torch: its backpack dependency would pull torchvision and a newer torch.
+peers: $(VENV)/.peers
+
+$(VENV)/.peers: $(VENV)/.installed
 	$(BIN)/python -m pip install -q --no-deps curvlinops-for-pytorch backpack-for-pytorch einconv \
 	  linear_operator opt-einsum unfoldNd einops scipy
+	touch $@

@@ -1,0 +1,44 @@
+"""SPEC section 6: our per-token factors equal curvlinops' KFACLinearOperator (empirical Fisher,
+expand, summed cross-entropy) on the same lora_A / lora_B parameters, divided by T."""
+import warnings
+
+import pytest
+import torch
+
+from lalora_kernels import estimate_curvature
+from lalora_kernels.tiny import llama_lora, random_batches
+
+curvlinops = pytest.importorskip("curvlinops", reason="installed by `make peers` (part of `make test`)")
+
+
+class Flat(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits[:, :-1].flatten(0, 1)
+
+
+@pytest.mark.parametrize("nonzero_b", [0.3, 0.0])
+def test_factors_equal_curvlinops_kfac_over_T(nonzero_b):
+    model = llama_lora(hidden=16, inter=24, layers=1, vocab=11, r=2, nonzero_b=nonzero_b,
+                       targets=("q_proj", "v_proj", "down_proj"), dtype=torch.float64).eval()
+    data = random_batches(2, 2, 5, 11, pad=False)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    op = curvlinops.KFACLinearOperator(
+        Flat(model), torch.nn.CrossEntropyLoss(reduction="sum"), params,
+        [(b["input_ids"], b["labels"][:, 1:].flatten()) for b in data],
+        fisher_type="empirical", kfac_approx="expand", check_deterministic=False)
+    op.compute_kronecker_factors()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        curv = estimate_curvature(model, data, variant="wkfac", progress=False)
+    for name in curv.adapters:
+        blocks = curv.kfac_blocks(name)
+        for part in ("lora_A", "lora_B"):
+            key = next(k for k in op._input_covariances if k.endswith(f"{name}.{part}.default"))
+            theirs = torch.kron(op._gradient_covariances[key], op._input_covariances[key]) / curv.num_tokens
+            ours = torch.kron(blocks[part]["grad_cov"], blocks[part]["input_cov"])
+            scale = theirs.abs().max().clamp_min(1e-300)
+            assert float((ours - theirs).abs().max() / scale) < 1e-6, (name, part)
