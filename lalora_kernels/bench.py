@@ -68,6 +68,17 @@ def generic_kfac_bytes(curv) -> int:
     return 4 * sum(a.in_features ** 2 + 2 * a.rank ** 2 + a.out_features ** 2 for a in curv.adapters.values())
 
 
+class FlatLogits(torch.nn.Module):
+    """A causal LM as curvlinops sees a classifier: ids -> next-token logits, (batch * (seq-1), V)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits[:, :-1].flatten(0, 1)
+
+
 def _peer_curvlinops(model, batches, repeats: int) -> Optional[dict]:
     """curvlinops' KFAC on the same LoRA parameters and data; None when curvlinops is absent."""
     try:
@@ -75,21 +86,13 @@ def _peer_curvlinops(model, batches, repeats: int) -> Optional[dict]:
     except ImportError:
         return None
 
-    class Flat(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids).logits[:, :-1].flatten(0, 1)
-
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     data = [(b["input_ids"], b["labels"][:, 1:].flatten()) for b in batches]
     loss = torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=-100)
     ops = []
 
     def build():
-        op = KFACLinearOperator(Flat(model), loss, params, data, fisher_type="empirical",
+        op = KFACLinearOperator(FlatLogits(model), loss, params, data, fisher_type="empirical",
                                 kfac_approx="expand", check_deterministic=False, progressbar=False)
         op.compute_kronecker_factors()
         ops[:] = [op]

@@ -6,18 +6,10 @@ import pytest
 import torch
 
 from lalora_kernels import estimate_curvature
+from lalora_kernels.bench import FlatLogits
 from lalora_kernels.tiny import llama_lora, random_batches
 
 curvlinops = pytest.importorskip("curvlinops", reason="installed by `make peers` (part of `make test`)")
-
-
-class Flat(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids):
-        return self.m(input_ids=ids).logits[:, :-1].flatten(0, 1)
 
 
 @pytest.mark.parametrize("nonzero_b", [0.3, 0.0])
@@ -27,7 +19,7 @@ def test_factors_equal_curvlinops_kfac_over_T(nonzero_b):
     data = random_batches(2, 2, 5, 11, pad=False)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     op = curvlinops.KFACLinearOperator(
-        Flat(model), torch.nn.CrossEntropyLoss(reduction="sum"), params,
+        FlatLogits(model), torch.nn.CrossEntropyLoss(reduction="sum"), params,
         [(b["input_ids"], b["labels"][:, 1:].flatten()) for b in data],
         fisher_type="empirical", kfac_approx="expand", check_deterministic=False)
     op.compute_kronecker_factors()
