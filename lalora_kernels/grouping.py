@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .curvature import LoRACurvature
+from .reference.packed import packed_numel
 
 
 @dataclass
@@ -67,10 +68,15 @@ class GramLayout:
     ``lalora::grouped_gram``, and the launch tables of its Triton kernel.
 
     classes: per class ``(n, R, m)`` (factor size, stacked rows per bundle, bundles), in the order
-    their ``D`` and factors are concatenated. Every offset is in elements.
+    their ``D`` and factors are concatenated. tile: 0 for dense factors (n * n numbers each), else
+    the T of the tile-packed layout (``packed_numel(n, T)`` numbers each). Offsets are in elements.
     """
     classes: list[tuple[int, int, int]]
-    panel: int = 64                       # columns of S per program (the kernel's BLOCK_N)
+    tile: int = 0
+    panel: int = 64                       # columns of S per program (the dense kernel's BLOCK_N)
+
+    def factor_numel(self, n: int) -> int:
+        return packed_numel(n, self.tile) if self.tile else n * n
 
     def __post_init__(self):
         self.d_off, self.s_off, self.g_off = [], [], []
@@ -79,7 +85,7 @@ class GramLayout:
             self.d_off.append(d)
             self.s_off.append(s)
             self.g_off.append(g)
-            d, s, g = d + m * R * n, s + m * n * n, g + m * R * R
+            d, s, g = d + m * R * n, s + m * self.factor_numel(n), g + m * R * R
         self.d_size, self.s_size, self.g_size = d, s, g
 
     def flat_classes(self) -> list[int]:
@@ -98,7 +104,7 @@ class GramLayout:
         items, buckets = [], {}
         for (n, R, m), d0, s0, g0 in zip(self.classes, self.d_off, self.s_off, self.g_off):
             for b in range(m):
-                items.append((s0 + b * n * n, n, d0 + b * R * n, R, g0 + b * R * R))
+                items.append((s0 + b * self.factor_numel(n), n, d0 + b * R * n, R, g0 + b * R * R))
                 buckets.setdefault(self.block_r(R), []).append(len(items) - 1)
         work, pairs, plan = [], [], []
         for br in sorted(buckets):

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from .packed import packed_numel, packed_sym_gram
+
 
 def sym_gram(D: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """G = D S D^T and Q = D S, batched. D: (b, R, n) any float dtype, S: (b, n, n) symmetric.
@@ -20,21 +22,23 @@ def sym_gram(D: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.bmm(Q, D.transpose(1, 2)), Q
 
 
-def class_views(flat: torch.Tensor, classes: Sequence[int], kind: str):
+def class_views(flat: torch.Tensor, classes: Sequence[int], kind: str, tile: int = 0):
     """Per class, the (m, rows, cols) view of a flat buffer laid out by ``GramLayout``.
-    kind: 'D' (m, R, n), 'S' (m, n, n) or 'G' (m, R, R)."""
+    kind: 'D' (m, R, n), 'S' (m, n, n), or (m, 1, packed_numel(n)) when ``tile`` > 0, or 'G' (m, R, R)."""
     for c in range(0, len(classes), 6):
         n, R, m, d_off, s_off, g_off = classes[c:c + 6]
-        rows, cols, off = {"D": (R, n, d_off), "S": (n, n, s_off), "G": (R, R, g_off)}[kind]
+        s_shape = (1, packed_numel(n, tile)) if tile else (n, n)
+        rows, cols, off = {"D": (R, n, d_off), "S": (*s_shape, s_off), "G": (R, R, g_off)}[kind]
         yield flat[off:off + m * rows * cols].view(m, rows, cols)
 
 
-def grouped_gram(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int]
+def grouped_gram(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int], tile: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat form of ``sym_gram`` over every class of a ``GramLayout``: returns flat (G, Q)."""
+    """Flat form of ``sym_gram`` over every class of a ``GramLayout`` (factors dense, or tile-packed
+    with tile ``tile`` > 0): returns flat (G, Q)."""
     Gs, Qs = [], []
-    for Dc, Sc in zip(class_views(D, classes, "D"), class_views(arena, classes, "S")):
-        G, Q = sym_gram(Dc, Sc)
+    for Dc, Sc in zip(class_views(D, classes, "D"), class_views(arena, classes, "S", tile)):
+        G, Q = packed_sym_gram(Dc, Sc, Dc.shape[2], tile) if tile else sym_gram(Dc, Sc)
         Gs.append(G.reshape(-1))
         Qs.append(Q.reshape(-1))
     return torch.cat(Gs), torch.cat(Qs)

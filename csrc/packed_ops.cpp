@@ -1,0 +1,369 @@
+// C++ CPU kernels of the tile-packed lalora:: ops (docs/SPEC.md, "Storage formats").
+//
+// A packed symmetric factor of size n with tile T stores the upper tiles (I <= J) of S, each a
+// contiguous row-major T x T block, in row-major order of the upper triangle; padding is zero.
+// Registered as ops of the private namespace ``lalora_cpp``; ``lalora_kernels.ops`` installs them
+// as the CPU kernels of ``lalora::packed_cov_update_`` and ``lalora::grouped_gram``.
+//
+// Parallelism: at::parallel_for (ATen's OpenMP pool). Every task owns its outputs and runs its
+// loops in a fixed order, and the partial sums of the grouped product are added in chunk order,
+// so results are bitwise identical run to run and for any thread count.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+inline int64_t num_tiles(int64_t n, int64_t T) { return (n + T - 1) / T; }
+inline int64_t row_start(int64_t I, int64_t nt) { return I * nt - I * (I - 1) / 2; }
+
+// Register-blocked C (M x N, row stride ldc) += A (M x K, row stride lda) . B (K x N, row stride ldb),
+// vectorised along N with GCC/Clang vector extensions: 64-byte vectors (one AVX-512 register, two
+// AVX2 or four NEON ones), a 32-byte vector for a narrower rest, then scalars. A block of MR rows x
+// NV vectors keeps its part of C in registers across the whole k loop.
+template <typename scalar_t, int BYTES> struct Vec;
+template <> struct Vec<float, 64> { typedef float type __attribute__((vector_size(64), aligned(4))); };
+template <> struct Vec<float, 32> { typedef float type __attribute__((vector_size(32), aligned(4))); };
+template <> struct Vec<double, 64> { typedef double type __attribute__((vector_size(64), aligned(8))); };
+template <> struct Vec<double, 32> { typedef double type __attribute__((vector_size(32), aligned(8))); };
+
+template <typename scalar_t, int BYTES, int MR, int NV>
+inline void micro(int64_t K, const scalar_t* __restrict A, int64_t lda, const scalar_t* __restrict B,
+                  int64_t ldb, scalar_t* __restrict C, int64_t ldc) {
+  using V = typename Vec<scalar_t, BYTES>::type;
+  constexpr int W = BYTES / sizeof(scalar_t);
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = *reinterpret_cast<const V*>(C + i * ldc + v * W);
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const scalar_t a = A[i * lda + k];
+      for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + i * ldc + v * W) = acc[i][v];
+}
+
+template <typename scalar_t, int MR>
+inline void gemm_rows(int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+                      scalar_t* C, int64_t ldc) {
+  constexpr int W = 64 / sizeof(scalar_t), H = 32 / sizeof(scalar_t);
+  int64_t j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) micro<scalar_t, 64, MR, 2>(K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + W <= N; j += W) micro<scalar_t, 64, MR, 1>(K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + H <= N; j += H) micro<scalar_t, 32, MR, 1>(K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j < N; ++j)                       // columns left over when N is not a multiple of H
+    for (int i = 0; i < MR; ++i) {
+      scalar_t c = C[i * ldc + j];
+      for (int64_t k = 0; k < K; ++k) c += A[i * lda + k] * B[k * ldb + j];
+      C[i * ldc + j] = c;
+    }
+}
+
+template <int MR, typename scalar_t>
+inline void gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
+                 int64_t ldb, scalar_t* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) gemm_rows<scalar_t, MR>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  for (; i < M; ++i) gemm_rows<scalar_t, 1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+}
+
+// The transposed half of a tile row's product in dot-product form, for narrow R:
+//   L (R x T) += sum over tiles j of D_j (R x T) . S_j^T      (S_j contiguous T x T, D_j = D + j*T)
+// Vector lanes run along the tiles' contiguous rows; lane partials live in ``lanes`` (R x T vectors)
+// for the whole tile row and are added across lanes once per row (``finish_lanes``), not per tile.
+template <typename scalar_t, int RB, int AB>
+inline void dot_block(int64_t nj, int64_t T, const scalar_t* __restrict D, int64_t ldd,
+                      const scalar_t* __restrict S, scalar_t* __restrict lanes) {
+  using V = typename Vec<scalar_t, 64>::type;
+  constexpr int W = 64 / sizeof(scalar_t);
+  V acc[RB][AB];
+  for (int r = 0; r < RB; ++r)
+    for (int a = 0; a < AB; ++a) acc[r][a] = *reinterpret_cast<const V*>(lanes + (r * T + a) * W);
+  for (int64_t j = 0; j < nj; ++j) {
+    const scalar_t* dj = D + j * T;
+    const scalar_t* sj = S + j * T * T;
+    for (int64_t k = 0; k < T; k += W) {
+      V d[RB], t[AB];
+      for (int r = 0; r < RB; ++r) d[r] = *reinterpret_cast<const V*>(dj + r * ldd + k);
+      for (int a = 0; a < AB; ++a) t[a] = *reinterpret_cast<const V*>(sj + a * T + k);
+      for (int r = 0; r < RB; ++r)
+        for (int a = 0; a < AB; ++a) acc[r][a] += d[r] * t[a];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int a = 0; a < AB; ++a) *reinterpret_cast<V*>(lanes + (r * T + a) * W) = acc[r][a];
+}
+
+template <typename scalar_t>
+void dot_group(int64_t nj, int64_t R, int64_t T, const scalar_t* D, int64_t ldd, const scalar_t* S,
+               scalar_t* lanes) {
+  constexpr int W = 64 / sizeof(scalar_t);
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4)
+    for (int64_t a = 0; a < T; a += 4)
+      dot_block<scalar_t, 4, 4>(nj, T, D + r * ldd, ldd, S + a * T, lanes + (r * T + a) * W);
+  for (; r < R; ++r)
+    for (int64_t a = 0; a < T; a += 4)
+      dot_block<scalar_t, 1, 4>(nj, T, D + r * ldd, ldd, S + a * T, lanes + (r * T + a) * W);
+}
+
+template <typename scalar_t>
+void finish_lanes(int64_t R, int64_t T, scalar_t* lanes, scalar_t* L, int64_t ldl) {
+  constexpr int W = 64 / sizeof(scalar_t);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t a = 0; a < T; ++a) {
+      scalar_t* l = lanes + (r * T + a) * W;
+      scalar_t v = 0;
+      for (int i = 0; i < W; ++i) { v += l[i]; l[i] = 0; }
+      L[r * ldl + a] += v;
+    }
+}
+
+void check_tile(int64_t T) {
+  TORCH_CHECK(T >= 1 && (T & (T - 1)) == 0, "tile=", T, " must be a power of two");
+}
+
+// ---- packed covariance update: S += w X^T diag(m) X -----------------------------------------------
+// Tile rows are processed in panels about 256 columns wide: one ATen GEMM (MKL) forms the panel's
+// rows against every column to its right, and a parallel scatter adds the panel's upper tiles into
+// the packed buffer (diagonal tiles symmetrised from their upper half, so S stays exactly symmetric).
+void packed_cov_update_(at::Tensor P, const at::Tensor& X_in, const c10::optional<at::Tensor>& mask,
+                        double weight, int64_t tile) {
+  check_tile(tile);
+  TORCH_CHECK(P.device().is_cpu() && X_in.device().is_cpu(), "packed_cov_update_: CPU tensors only");
+  TORCH_CHECK(P.dim() == 1 && P.is_contiguous(), "P must be a contiguous 1-D packed factor");
+  TORCH_CHECK(P.scalar_type() == at::kFloat || P.scalar_type() == at::kDouble,
+              "P must be float32 or float64, got ", P.scalar_type());
+  const int64_t n = X_in.size(-1), T = tile, nt = num_tiles(n, T);
+  TORCH_CHECK(P.numel() == nt * (nt + 1) / 2 * T * T, "P has ", P.numel(), " numbers; a packed factor of n=",
+              n, ", tile=", T, " has ", nt * (nt + 1) / 2 * T * T);
+  at::Tensor X = X_in.reshape({-1, n});
+  if (mask.has_value() && mask->defined()) {
+    at::Tensor m = mask->reshape({-1});
+    TORCH_CHECK(m.numel() == X.size(0), "mask has ", m.numel(), " entries for ", X.size(0), " rows of X");
+    X = X.index_select(0, m.ne(0).nonzero().reshape({-1}));
+  }
+  if (X.size(0) == 0) return;
+  X = X.to(P.scalar_type()).contiguous();
+  const int64_t panel_tiles = std::max<int64_t>(1, 256 / T);
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "packed_cov_update_", [&] {
+    scalar_t* p = P.data_ptr<scalar_t>();
+    const scalar_t w = static_cast<scalar_t>(weight);
+    for (int64_t I0 = 0; I0 < nt; I0 += panel_tiles) {
+      const int64_t I1 = std::min(nt, I0 + panel_tiles);
+      const int64_t lo = I0 * T, hi = std::min(n, I1 * T), cols = n - lo;
+      at::Tensor panel = at::mm(X.narrow(1, lo, hi - lo).t(), X.narrow(1, lo, cols)).contiguous();
+      const scalar_t* q = panel.data_ptr<scalar_t>();
+      // every upper tile (I, J) with I in [I0, I1): enumerate them as (I, J) pairs
+      std::vector<std::pair<int64_t, int64_t>> tiles;
+      for (int64_t I = I0; I < I1; ++I)
+        for (int64_t J = I; J < nt; ++J) tiles.emplace_back(I, J);
+      at::parallel_for(0, (int64_t)tiles.size(), 8, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t I = tiles[t].first, J = tiles[t].second;
+          scalar_t* dst = p + (row_start(I, nt) + (J - I)) * T * T;
+          const int64_t ra = std::min(T, n - I * T), cb = std::min(T, n - J * T);
+          for (int64_t a = 0; a < ra; ++a) {
+            const scalar_t* src = q + (I * T + a - lo) * cols + (J * T - lo);
+            if (I != J) {
+              for (int64_t c = 0; c < cb; ++c) dst[a * T + c] += w * src[c];
+            } else {     // diagonal tile: entries (a, c >= a) from the panel, mirrored exactly
+              for (int64_t c = a; c < cb; ++c) {
+                const scalar_t v = w * src[c];
+                dst[a * T + c] += v;
+                if (c != a) dst[c * T + a] += v;
+              }
+            }
+          }
+        }
+      });
+    }
+  });
+}
+
+// ---- grouped packed product: Q_k = D_k S_k, G_k = Q_k D_k^T ----------------------------------------
+// Each bundle's tile rows are cut into a few ranges of about equal tile counts; a task
+// (bundle, chunk) streams its tile rows once. Tile (I, J) adds D_I S_IJ to block J of the task's
+// partial U (R x n) and, for I < J, S_IJ D_J^T to block I of its partial L^T (n x R), both as
+// register-blocked products that read the tile from L1. Q = sum over chunks of U + L, in chunk order.
+// The number of ranges depends on the shapes only (never on the thread count, so the summation order
+// is fixed): enough tasks to spread over cores when there are few bundles, and partials (2 R n numbers
+// per range) kept under 1/8 of the bundle's packed factor.
+constexpr int64_t TARGET_TASKS = 16;
+// Row stride of the padded D and of the partials: one cache line more than the tiles need, so that
+// rows a power-of-two apart do not all fall into the same L1 set.
+inline int64_t lead(int64_t cols) { return cols + 16; }
+// narrow R: the transposed half runs in dot-product form (full 64-byte vectors along the tiles'
+// rows, which needs T a multiple of the vector width); otherwise as (S_IJ D_J^T), blocked along R
+inline bool use_dot(int64_t R, int64_t T, at::ScalarType t) {
+  const int64_t W = t == at::kFloat ? 16 : 8;
+  return R < 2 * W && T % W == 0;
+}
+constexpr int64_t GROUP = 4;     // tiles per L1-resident group (4 x 4 KiB at T = 32, fp32)
+
+int64_t num_chunks(int64_t n, int64_t R, int64_t m, int64_t nt) {
+  const int64_t want = (TARGET_TASKS + m - 1) / m, cap = std::max<int64_t>(1, n / (32 * std::max<int64_t>(R, 1)));
+  return std::max<int64_t>(1, std::min({want, cap, nt}));
+}
+
+std::vector<int64_t> chunk_bounds(int64_t nt, int64_t parts) {
+  const int64_t total = nt * (nt + 1) / 2;
+  std::vector<int64_t> bounds{0};
+  int64_t acc = 0;
+  for (int64_t I = 0; I < nt; ++I) {
+    acc += nt - I;
+    if ((int64_t)bounds.size() < parts && acc * parts >= total * (int64_t)bounds.size()) bounds.push_back(I + 1);
+  }
+  if (bounds.back() != nt) bounds.push_back(nt);
+  return bounds;
+}
+
+std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at::Tensor& arena,
+                                               at::IntArrayRef classes, int64_t tile) {
+  check_tile(tile);
+  TORCH_CHECK(arena.device().is_cpu() && D_in.device().is_cpu(), "packed_gram: CPU tensors only");
+  TORCH_CHECK(arena.dim() == 1 && arena.is_contiguous(), "arena must be a contiguous 1-D buffer");
+  TORCH_CHECK(arena.scalar_type() == at::kFloat || arena.scalar_type() == at::kDouble,
+              "arena must be float32 or float64, got ", arena.scalar_type());
+  TORCH_CHECK(classes.size() % 6 == 0, "classes must hold 6 numbers per class");
+  const at::Tensor D = D_in.to(arena.scalar_type()).contiguous();
+  const int64_t T = tile;
+  struct Task { int64_t cls, bundle, I0, I1, part; };
+  std::vector<Task> tasks;
+  std::vector<int64_t> part_off{0};       // each task's partials: U (R x nt*T) then L^T (nt*T x R)
+  int64_t g_size = 0;
+  for (size_t c = 0; c < classes.size(); c += 6) {
+    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
+    const int64_t nt = num_tiles(n, T);
+    TORCH_CHECK(classes[c + 3] + m * R * n <= D.numel(), "D is too short for class ", c / 6);
+    TORCH_CHECK(classes[c + 4] + m * nt * (nt + 1) / 2 * T * T <= arena.numel(),
+                "arena is too short for class ", c / 6, " (packed n=", n, ", tile=", T, ")");
+    g_size = std::max(g_size, classes[c + 5] + m * R * R);
+    const auto bounds = chunk_bounds(nt, num_chunks(n, R, m, nt));
+    for (int64_t b = 0; b < m; ++b)
+      for (size_t k = 0; k + 1 < bounds.size(); ++k) {
+        tasks.push_back({(int64_t)c, b, bounds[k], bounds[k + 1], (int64_t)k});
+        part_off.push_back(part_off.back() + R * lead(nt * T) + (use_dot(R, T, arena.scalar_type()) ? 0 : nt * T * R));
+      }
+  }
+  at::Tensor Q = at::empty({D.numel()}, D.options());
+  at::Tensor G = at::empty({g_size}, D.options());
+  at::Tensor scratch = at::zeros({part_off.back()}, D.options());
+  // zero-padded copies of every bundle's D (R x lead) and, for wide R, D^T (nt*T x R)
+  std::vector<at::Tensor> padded, padded_t;
+  for (size_t c = 0; c < classes.size(); c += 6) {
+    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2], nt = num_tiles(n, T);
+    at::Tensor Dc = D.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
+    padded.push_back(at::constant_pad_nd(Dc, {0, lead(nt * T) - n}).contiguous());
+    padded_t.push_back(use_dot(R, T, D.scalar_type()) ? at::Tensor()
+                                                  : at::constant_pad_nd(Dc, {0, nt * T - n}).transpose(1, 2).contiguous());
+  }
+  AT_DISPATCH_FLOATING_TYPES(arena.scalar_type(), "packed_gram", [&] {
+    const scalar_t* s = arena.data_ptr<scalar_t>();
+    scalar_t* part = scratch.data_ptr<scalar_t>();
+    constexpr int64_t W = 64 / sizeof(scalar_t);
+    at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        const Task& task = tasks[t];
+        const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
+        const int64_t ld = lead(nt * T);
+        const bool dot_form = use_dot(R, T, arena.scalar_type());
+        const scalar_t* dp = padded[c / 6].data_ptr<scalar_t>() + task.bundle * R * ld;
+        const scalar_t* dt = dot_form ? nullptr : padded_t[c / 6].data_ptr<scalar_t>() + task.bundle * R * nt * T;
+        const scalar_t* sp = s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T;
+        scalar_t* U = part + part_off[t];
+        scalar_t* Lt = U + R * ld;                      // (nt*T x R), only in the wide form
+        std::vector<scalar_t> lanes(dot_form ? R * T * W : 0, scalar_t(0));
+        for (int64_t I = task.I0; I < task.I1; ++I) {
+          const scalar_t* row = sp + row_start(I, nt) * T * T;
+          // groups of GROUP tiles: the first half of the product streams them from memory, the
+          // second half finds them in L1
+          for (int64_t J0 = I; J0 < nt; J0 += GROUP) {
+            const int64_t J1 = std::min(nt, J0 + GROUP);
+            // software prefetch of the group after the next: one core's demand misses alone do not
+            // keep enough lines in flight to stream at memory speed
+            const int64_t P0 = std::min(nt, J1 + GROUP), P1 = std::min(nt, P0 + GROUP);
+            const char* ahead = reinterpret_cast<const char*>(row + (P0 - I) * T * T);
+            for (int64_t o = 0; o < (P1 - P0) * T * T * (int64_t)sizeof(scalar_t); o += 64)
+              __builtin_prefetch(ahead + o);
+            for (int64_t J = J0; J < J1; ++J)                                // U_J += D_I S_IJ
+              gemm<4>(R, T, T, dp + I * T, ld, row + (J - I) * T * T, T, U + J * T, ld);
+            const int64_t K0 = std::max(J0, I + 1);
+            if (K0 >= J1) continue;
+            if (dot_form) {                                                  // U_I += sum_J D_J S_IJ^T
+              dot_group<scalar_t>(J1 - K0, R, T, dp + K0 * T, ld, row + (K0 - I) * T * T, lanes.data());
+            } else {                                                         // L_I^T += S_IJ D_J^T
+              for (int64_t J = K0; J < J1; ++J)
+                gemm<8>(T, R, T, row + (J - I) * T * T, T, dt + J * T * R, R, Lt + I * T * R, R);
+            }
+          }
+          if (dot_form && I + 1 < nt) finish_lanes<scalar_t>(R, T, lanes.data(), U + I * T, ld);
+        }
+      }
+    });
+    // Q = sum over the bundle's chunks of U (+ L), in chunk order, cropped to n
+    std::vector<int64_t> first;
+    for (size_t t = 0; t < tasks.size(); ++t)
+      if (tasks[t].part == 0) first.push_back((int64_t)t);
+    scalar_t* q = Q.data_ptr<scalar_t>();
+    at::parallel_for(0, (int64_t)first.size(), 1, [&](int64_t bb, int64_t be) {
+      for (int64_t f = bb; f < be; ++f) {
+        const int64_t t0 = first[f];
+        const Task& task = tasks[t0];
+        const int64_t c = task.cls, n = classes[c], R = classes[c + 1], ld = lead(num_tiles(n, T) * T);
+        const bool wide = !use_dot(R, T, arena.scalar_type());
+        int64_t t1 = t0 + 1;
+        while (t1 < (int64_t)tasks.size() && tasks[t1].part != 0) ++t1;
+        scalar_t* dst = q + classes[c + 3] + task.bundle * R * n;
+        for (int64_t r = 0; r < R; ++r) {
+          scalar_t* out = dst + r * n;
+          for (int64_t j = 0; j < n; ++j) out[j] = 0;
+          for (int64_t t = t0; t < t1; ++t) {
+            const scalar_t* U = part + part_off[t] + r * ld;
+            for (int64_t j = 0; j < n; ++j) out[j] += U[j];
+            if (wide) {
+              const scalar_t* Lt = part + part_off[t] + R * ld + r;
+              for (int64_t j = 0; j < n; ++j) out[j] += Lt[j * R];
+            }
+          }
+        }
+      }
+    });
+  });
+  for (size_t c = 0; c < classes.size(); c += 6) {
+    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
+    at::Tensor Qc = Q.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
+    at::Tensor Dc = D.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
+    at::Tensor Gc = G.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
+    at::bmm_out(Gc, Qc, Dc.transpose(1, 2));
+  }
+  return {G, Q};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lalora_cpp, m) {
+  m.def("packed_cov_update_(Tensor(a!) P, Tensor X, Tensor? mask, float weight, int tile) -> ()");
+  m.def("packed_gram(Tensor D, Tensor arena, int[] classes, int tile) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lalora_cpp, CPU, m) {
+  m.impl("packed_cov_update_", &packed_cov_update_);
+  m.impl("packed_gram", &packed_gram);
+}
+
+// A Python module with no functions: importing lalora_kernels._C loads this library, whose static
+// initialisers above register the ops with the dispatcher.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "lalora C++ CPU ops", -1, nullptr};
+  return PyModule_Create(&def);
+}
