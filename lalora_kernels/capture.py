@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_variant
+from . import ops as lalora_ops
+from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_layout, check_variant
 from .distributed import all_reduce_sums, rank_generator
 from .lora_layers import LoRALayerRef, find_lora_layers
-from .reference import finalize
+from .reference.packed import TILE, check_tile, packed_numel
 
 ops = torch.ops.lalora
 
@@ -71,8 +72,9 @@ class _Plan:
 class _Capture:
     """Hooks, accumulators and the model state they must leave untouched."""
 
-    def __init__(self, model: nn.Module, refs: list[LoRALayerRef], variant: str):
+    def __init__(self, model: nn.Module, refs: list[LoRALayerRef], variant: str, storage: str, tile: int):
         self.model, self.refs, self.variant = model, refs, variant
+        self.tile = tile if storage == "packed" else 0
         p = refs[0].A
         self.dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         self.device = p.device
@@ -136,6 +138,13 @@ class _Capture:
             self.sums[key] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self.sums[key]
 
+    def _cov(self, key: str, n: int, rows: torch.Tensor, weight: float) -> None:
+        """Sx/Sg += weight * rows^T rows, dense or tile-packed."""
+        if self.tile:
+            ops.packed_cov_update_(self._acc(key, (packed_numel(n, self.tile),)), rows, None, weight, self.tile)
+        else:
+            ops.cov_update_(self._acc(key, (n, n)), rows, None, weight)
+
     def _accumulate(self, ref: LoRALayerRef, x: torch.Tensor, g: torch.Tensor) -> None:
         plan, n = self.plan, ref.name
         w, first = self.sample_weight, self.sample == 0
@@ -145,9 +154,9 @@ class _Capture:
         A0, B0 = plan.A0[n].to(self.dtype), plan.B0[n].to(self.dtype)
         i, o, r, s = ref.shape
         if n in plan.leaders and plan.group_needs_sx[n] and first:
-            ops.cov_update_(self._acc(f"Sx/{n}", (i, i)), X, None, 1.0)
+            self._cov(f"Sx/{n}", i, X, 1.0)
         if plan.need_sg[n]:
-            ops.cov_update_(self._acc(f"Sg/{n}", (o, o)), G, None, w)
+            self._cov(f"Sg/{n}", o, G, w)
         if self.variant in ("kfac", "tri"):
             if plan.need_sg[n] and first:       # Caa = cov(A* x): the B block's input factor
                 ops.cov_update_(self._acc(f"Caa/{n}", (r, r)), X.to(self.dtype) @ A0.T, None, 1.0)
@@ -223,12 +232,15 @@ class _Capture:
             adapters[n] = AdapterInfo(i, o, rank, s, plan.groups[n], plan.need_sx[n], plan.need_sg[n])
             tensors[f"A0/{n}"], tensors[f"B0/{n}"] = plan.A0[n], plan.B0[n]
             if self.variant == "tri" and plan.need_sx[n] and plan.need_sg[n]:
-                fin = finalize(plan.A0[n], plan.B0[n], tensors[f"Sx/{plan.groups[n]}"], tensors[f"Sg/{n}"])
-                tensors[f"Ka/{n}"], tensors[f"Kb/{n}"] = fin["Ka"], fin["Kb"]
+                # Ka = A* Sx, Kb = Sg B* (SPEC section 3), read straight from the stored layout
+                Sx, Sg = tensors[f"Sx/{plan.groups[n]}"], tensors[f"Sg/{n}"]
+                tensors[f"Ka/{n}"] = lalora_ops.sym_product(plan.A0[n].to(self.dtype), Sx, i, self.tile)[1]
+                tensors[f"Kb/{n}"] = lalora_ops.sym_product(plan.B0[n].to(self.dtype).T, Sg, o, self.tile)[1].T
         model_type = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
         return LoRACurvature(variant=self.variant, fisher=fisher, mc_samples=mc_samples,
                              num_tokens=num_tokens, adapter_name=self.refs[0].adapter,
-                             model_type=str(model_type), adapters=adapters, tensors=tensors)
+                             model_type=str(model_type), adapters=adapters, tensors=tensors,
+                             layout="packed" if self.tile else "dense", tile=self.tile or TILE)
 
 
 def _warn_degenerate(variant: str, names: list[str], total: int) -> None:
@@ -244,7 +256,8 @@ def _warn_degenerate(variant: str, names: list[str], total: int) -> None:
 def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac",
                        fisher: str = "empirical", mc_samples: int = 1,
                        max_batches: Optional[int] = None, progress: bool = True,
-                       generator: Optional[torch.Generator] = None) -> LoRACurvature:
+                       generator: Optional[torch.Generator] = None, storage: Optional[str] = None,
+                       tile: int = TILE) -> LoRACurvature:
     """Laplace curvature of the active LoRA adapter of a peft model from proxy (source) batches.
 
     model: a peft model with LoRA on ``nn.Linear`` layers. batches: iterable of HF-style dicts
@@ -256,6 +269,9 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     Under torch.distributed, each rank passes its own shard of the data: the factor sums and token
     counts are added across ranks once at the end (every rank gets the same curvature), and MC
     labels are drawn from a per-rank generator.
+    storage: 'packed' (Sx/Sg as upper T x T tiles, ``tile`` = T, about half the memory) or 'dense';
+    None picks 'packed' where packed kernels run natively (C++ on CPU, Triton on CUDA), see
+    ``lalora_kernels.backends()``.
     """
     check_variant(variant)
     if fisher not in FISHERS:
@@ -264,8 +280,11 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
         raise ValueError(f"mc_samples={mc_samples!r} must be a positive int")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches={max_batches!r} must be None or >= 1")
+    check_tile(tile)
     refs = find_lora_layers(model)
-    cap = _Capture(model, refs, variant)
+    storage = lalora_ops.default_storage(refs[0].A.device) if storage is None else storage
+    check_layout(storage)
+    cap = _Capture(model, refs, variant, storage, tile)
     num_tokens = nb = 0
     it = batches if max_batches is None else itertools.islice(batches, max_batches)
     generator = rank_generator(generator, cap.device) if fisher == "mc" else generator

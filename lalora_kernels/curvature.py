@@ -16,11 +16,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .reference import finalize
+from .reference.packed import TILE, check_tile, pack, packed_numel, packed_trace, unpack
 from .version import __version__
 
 VARIANTS = ("diag", "kfac", "tri", "wkfac")
 FISHERS = ("empirical", "mc")
-LAYOUT = "dense"
+LAYOUTS = ("dense", "packed")
+PACKED_KINDS = ("Sx/", "Sg/")          # the factors that the packed layout stores tile-packed
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"storage/layout={layout!r} is unknown; use 'packed' or 'dense'")
 
 
 def check_variant(variant: str) -> None:
@@ -63,12 +70,15 @@ class LoRACurvature:
     def __init__(self, *, variant: str, fisher: str, mc_samples: int, num_tokens: int,
                  adapter_name: str, model_type: str, adapters: dict[str, AdapterInfo],
                  tensors: dict[str, torch.Tensor], norm_constant: Optional[float] = None,
-                 version: str = __version__, layout: str = LAYOUT):
+                 version: str = __version__, layout: str = "dense", tile: int = TILE):
         check_variant(variant)
+        check_layout(layout)
+        check_tile(tile)
         self.variant, self.fisher, self.mc_samples = variant, fisher, mc_samples
         self.num_tokens, self.adapter_name, self.model_type = num_tokens, adapter_name, model_type
         self.adapters, self.tensors = dict(adapters), dict(tensors)
-        self.version, self.layout = version, layout
+        self.version, self.layout, self.tile = version, layout, int(tile)
+        self.check_shapes()
         self.check_finite()
         self.norm_constant = self._mean_diag() if norm_constant is None else float(norm_constant)
 
@@ -135,6 +145,40 @@ class LoRACurvature:
         info = self.adapters[name]
         return self.get("Sx", info.sx_key) if info.has_sx else None
 
+    def dim(self, key: str) -> int:
+        """n of the n x n factor ``Sx/<leader>`` or ``Sg/<module>``."""
+        kind, name = key.split("/", 1)
+        if kind == "Sx":
+            info = next(a for a in self.adapters.values() if a.sx_key == name)
+            return info.in_features
+        return self.adapters[name].out_features
+
+    def is_packed(self, key: str) -> bool:
+        return self.layout == "packed" and key.startswith(PACKED_KINDS)
+
+    def dense(self, key: str) -> Optional[torch.Tensor]:
+        """The tensor ``key`` as stored, or its (n, n) matrix when it is tile-packed."""
+        t = self.tensors.get(key)
+        if t is None or not self.is_packed(key):
+            return t
+        return unpack(t, self.dim(key), self.tile)
+
+    def trace(self, key: str) -> float:
+        t = self.tensors[key]
+        return float(packed_trace(t, self.dim(key), self.tile) if self.is_packed(key) else t.trace())
+
+    def to_layout(self, layout: str, tile: int = TILE) -> "LoRACurvature":
+        """Convert ``Sx``/``Sg`` to 'packed' (tile ``tile``) or 'dense' storage, in place; exact."""
+        check_layout(layout)
+        check_tile(tile)
+        if layout == self.layout and (layout == "dense" or tile == self.tile):
+            return self
+        for key in [k for k in self.tensors if k.startswith(PACKED_KINDS)]:
+            dense = self.dense(key)
+            self.tensors[key] = pack(dense, tile) if layout == "packed" else dense
+        self.layout, self.tile = layout, int(tile)
+        return self
+
     @property
     def factor_dtype(self) -> torch.dtype:
         return next(t.dtype for k, t in self.tensors.items() if not k.startswith(("A0/", "B0/")))
@@ -174,7 +218,8 @@ class LoRACurvature:
                              num_tokens=self.num_tokens, adapter_name=self.adapter_name,
                              model_type=self.model_type, adapters={n: self.adapters[n] for n in names},
                              tensors={k: self.tensors[k] for k in keys if k in self.tensors},
-                             norm_constant=self.norm_constant, version=self.version, layout=self.layout)
+                             norm_constant=self.norm_constant, version=self.version, layout=self.layout,
+                             tile=self.tile)
 
     # ---- interop ------------------------------------------------------------------------------
     def kfac_blocks(self, module_name: str) -> dict[str, dict[str, Optional[torch.Tensor]]]:
@@ -196,7 +241,8 @@ class LoRACurvature:
         info = self.adapters[module_name]
         s2 = info.scaling ** 2
         A0, B0 = self.get("A0", module_name), self.get("B0", module_name)
-        Sx, Sg = self.sx(module_name), self.get("Sg", module_name)
+        Sx = self.dense(f"Sx/{info.sx_key}") if info.has_sx else None
+        Sg = self.dense(f"Sg/{module_name}")
         fin = finalize(A0, B0, Sx, Sg)
         Caa = self.get("Caa", module_name)
         Cbb = self.get("Cbb", module_name)
@@ -211,6 +257,18 @@ class LoRACurvature:
         }
 
     # ---- checks -------------------------------------------------------------------------------
+    def check_shapes(self) -> None:
+        """Every Sx/Sg has the shape its layout and adapter dimensions call for."""
+        for key, t in self.tensors.items():
+            if not key.startswith(PACKED_KINDS):
+                continue
+            n = self.dim(key)
+            want = (packed_numel(n, self.tile),) if self.layout == "packed" else (n, n)
+            if tuple(t.shape) != want:
+                raise ValueError(f"curvature tensor {key!r} has shape {tuple(t.shape)}, but layout="
+                                 f"{self.layout!r} (tile {self.tile}) with n={n} needs {want}; convert "
+                                 "with to_layout() or pass the matching layout")
+
     def check_finite(self) -> None:
         for k, t in self.tensors.items():
             # one reduction per tensor; the exact elementwise test only when the sum is not finite
@@ -246,14 +304,14 @@ class LoRACurvature:
                     if t is not None:
                         total, count = total + float(t.sum()), count + n
             elif self.variant == "wkfac":
-                total += s2 * float(self.sx(name).trace()) * float(self.get("Sg", name).trace())
+                total += s2 * self.trace(f"Sx/{a.sx_key}") * self.trace(f"Sg/{name}")
                 count += i * o
             else:
                 if a.has_sx:
-                    total += s2 * float(self.get("Cbb", name).trace()) * float(self.sx(name).trace())
+                    total += s2 * float(self.get("Cbb", name).trace()) * self.trace(f"Sx/{a.sx_key}")
                     count += r * i
                 if a.has_sg:
-                    total += s2 * float(self.get("Sg", name).trace()) * float(self.get("Caa", name).trace())
+                    total += s2 * self.trace(f"Sg/{name}") * float(self.get("Caa", name).trace())
                     count += o * r
         return total / count if count else 0.0
 
@@ -263,15 +321,17 @@ class LoRACurvature:
         meta = {"variant": self.variant, "fisher": self.fisher, "mc_samples": self.mc_samples,
                 "num_tokens": self.num_tokens, "adapter_name": self.adapter_name,
                 "model_type": self.model_type, "norm_constant": self.norm_constant,
-                "version": self.version, "layout": self.layout,
+                "version": self.version, "layout": self.layout, "tile": self.tile,
                 "adapters": {k: asdict(v) for k, v in self.adapters.items()}}
         save_file({k: t.detach().contiguous().cpu() for k, t in self.tensors.items()}, path,
                   metadata={"lalora": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str, device="cpu", adapters=None) -> "LoRACurvature":
+    def load(cls, path: str, device="cpu", adapters=None, layout: Optional[str] = None,
+             tile: int = TILE) -> "LoRACurvature":
         """Read a file written by ``save``; ``device`` is where the tensors go. ``adapters``: load
-        only these adapters' tensors (a rank's share under ``shard_factors``)."""
+        only these adapters' tensors (a rank's share under ``shard_factors``). ``layout``: convert
+        to 'packed' (tile ``tile``) or 'dense' storage; None keeps the file's layout."""
         from safetensors import safe_open
         with safe_open(path, framework="pt", device=str(device)) as f:
             raw = (f.metadata() or {}).get("lalora")
@@ -279,8 +339,8 @@ class LoRACurvature:
                 raise ValueError(f"{path!r} is not a LoRACurvature file (no 'lalora' metadata); "
                                  "write it with LoRACurvature.save")
             meta = json.loads(raw)
-            if meta.get("layout", LAYOUT) != LAYOUT:
-                raise ValueError(f"{path!r} uses layout {meta['layout']!r}; this version reads {LAYOUT!r}")
+            if meta.get("layout", "dense") not in LAYOUTS:
+                raise ValueError(f"{path!r} uses layout {meta['layout']!r}; this version reads {LAYOUTS}")
             infos = {k: AdapterInfo(**v) for k, v in meta.pop("adapters").items()}
             if adapters is None:
                 tensors = load_file(path, device=str(device))
@@ -288,9 +348,10 @@ class LoRACurvature:
                 infos = {n: infos[n] for n in adapters}
                 present = set(f.keys())
                 tensors = {k: f.get_tensor(k) for k in adapter_tensor_keys(infos, infos) if k in present}
-        return cls(adapters=infos, tensors=tensors, **meta)
+        curv = cls(adapters=infos, tensors=tensors, **meta)
+        return curv if layout is None else curv.to_layout(layout, tile)
 
     def __repr__(self) -> str:
         return (f"LoRACurvature(variant={self.variant!r}, fisher={self.fisher!r}, adapters="
-                f"{len(self.adapters)}, tokens={self.num_tokens}, factors={self.num_factors()}, "
+                f"{len(self.adapters)}, tokens={self.num_tokens}, layout={self.layout!r}, factors={self.num_factors()}, "
                 f"MiB={self.memory_bytes() / 2**20:.2f})")

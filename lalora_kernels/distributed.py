@@ -32,14 +32,14 @@ def rank_generator(generator: Optional[torch.Generator], device) -> Optional[tor
 
 
 def _pack(t: torch.Tensor, key: str) -> torch.Tensor:
-    if key.startswith(SYMMETRIC):
+    if key.startswith(SYMMETRIC) and t.dim() == 2:     # dense symmetric: its upper triangle
         i, j = torch.triu_indices(t.shape[0], t.shape[1], device=t.device)
         return t[i, j]
-    return t.reshape(-1)
+    return t.reshape(-1)                               # tile-packed factors are half already
 
 
 def _unpack(t: torch.Tensor, key: str, flat: torch.Tensor) -> None:
-    if key.startswith(SYMMETRIC):
+    if key.startswith(SYMMETRIC) and t.dim() == 2:
         i, j = torch.triu_indices(t.shape[0], t.shape[1], device=t.device)
         t[i, j] = flat
         t[j, i] = flat

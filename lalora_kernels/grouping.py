@@ -73,7 +73,8 @@ class GramLayout:
     """
     classes: list[tuple[int, int, int]]
     tile: int = 0
-    panel: int = 64                       # columns of S per program (the dense kernel's BLOCK_N)
+    panel: int = 64                       # columns of S per program for dense factors (BLOCK_N);
+                                          # packed factors use one tile (T columns)
 
     def factor_numel(self, n: int) -> int:
         return packed_numel(n, self.tile) if self.tile else n * n
@@ -112,7 +113,7 @@ class GramLayout:
             cols = max(-(-items[k][3] // br) * br for k in buckets[br])
             for k in buckets[br]:
                 n, R = items[k][1], items[k][3]
-                panels = -(-n // self.panel)
+                panels = -(-n // (self.tile or self.panel))
                 for rt in range(-(-R // br)):
                     pairs.append((k, rt, len(work) - w0, panels))
                     work.extend((k, rt, pj) for pj in range(panels))

@@ -5,13 +5,16 @@
 | ``cov_update_`` | ``S += weight * X^T diag(mask) X`` (in place) | S (n, n) fp32/fp64; X (..., n) any float; mask (...) bool/0-1 or None |
 | ``sqcov_update_`` | ``F += weight * (G*G)^T diag(mask) (X*X)`` (in place) | F (p, q) fp32/fp64; G (..., p); X (..., q) |
 | ``diag_quad`` | ``v = 1/2 sum F * D^2`` and ``FD = F * D`` (differentiable in D: ``dD = dv FD``) | F, D same shape; F fp32/fp64; D any float |
-| ``grouped_gram`` | per item k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum R_k n_k,) any float; arena flat (sum n_k^2,) fp32/fp64; tables from ``grouping.GramLayout`` |
+| ``packed_cov_update_`` | ``cov_update_`` on a tile-packed S (``reference.packed``), n = X.shape[-1] | P (packed_numel(n, tile),) fp32/fp64 |
+| ``grouped_gram`` | per item k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum R_k n_k,) any float; arena flat fp32/fp64, factors dense (tile = 0) or tile-packed; tables from ``grouping.GramLayout`` |
 
-Backends: the pure-PyTorch reference (any device) and Triton (``lalora_kernels.triton``). With
-``LALORA_BACKEND`` unset (``auto``) CUDA tensors use Triton and everything else the reference;
-``LALORA_BACKEND=torch`` or ``=triton`` forces one (``triton`` on CPU tensors needs
-``TRITON_INTERPRET=1``). float64 inputs always run on the reference. When Triton is importable the ops are
-``torch.library.triton_op``s, so ``torch.compile`` traces through them into the kernels.
+Backends: the pure-PyTorch reference (any device, the oracle), the C++ CPU kernels of ``csrc/``
+(``_C``: the packed ops) and Triton (``lalora_kernels.triton``). With ``LALORA_BACKEND`` unset
+(``auto``) CUDA tensors use Triton, CPU tensors use C++ for the packed ops and the reference for
+the rest (dense factors are one MKL GEMM there already). ``LALORA_BACKEND=torch``, ``=cpp`` or
+``=triton`` forces one (``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``). float64 never runs
+on Triton. When Triton is importable the ops are ``torch.library.triton_op``s, so ``torch.compile``
+traces through them into the kernels. ``backends()`` reports what is active.
 ``grouped_gram``'s backward is ``dD = (dG + dG^T) Q`` per item: it reuses the Q of the forward and never reads
 S again, so one penalty step reads every factor exactly once.
 """
@@ -23,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _cpp, reference
 
 try:
     import triton  # noqa: F401
@@ -31,26 +34,63 @@ try:
 except ImportError:      # CPU-only installs: the reference backend serves every op
     HAS_TRITON = False
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 
 def backend() -> str:
-    """The requested backend: ``LALORA_BACKEND`` (auto | torch | triton)."""
+    """The requested backend: ``LALORA_BACKEND`` (auto | torch | cpp | triton)."""
     choice = os.environ.get("LALORA_BACKEND", "auto").lower()
     if choice not in BACKENDS:
-        raise ValueError(f"LALORA_BACKEND={choice!r} is unknown; use auto, torch or triton")
+        raise ValueError(f"LALORA_BACKEND={choice!r} is unknown; use auto, torch, cpp or triton")
     if choice == "triton" and not HAS_TRITON:
         raise ValueError("LALORA_BACKEND=triton but triton is not installed: pip install triton")
+    if choice == "cpp" and not _cpp.available():
+        raise ValueError(f"LALORA_BACKEND=cpp but lalora_kernels._C is not available ({_cpp.load()}); "
+                         "build it with `pip install --no-build-isolation -e .`")
     return choice
 
 
-def _triton_for(*ts: Tensor) -> bool:
+def _kernel_for(*ts: Tensor, cpp: bool = False) -> str:
+    """Which implementation runs an op on these tensors: 'triton', 'cpp' or 'torch'.
+    ``cpp``: the op has a C++ CPU kernel."""
     choice = backend()
-    if choice == "torch" or not HAS_TRITON:
-        return False
-    if any(t.dtype == torch.float64 for t in ts):
-        return False
-    return choice == "triton" or all(t.is_cuda for t in ts)
+    if choice == "torch":
+        return "torch"
+    f64 = any(t.dtype == torch.float64 for t in ts)
+    if choice == "triton":
+        return "torch" if f64 else "triton"
+    if all(t.is_cuda for t in ts):
+        return "triton" if HAS_TRITON and not f64 and choice == "auto" else "torch"
+    if cpp and all(t.device.type == "cpu" for t in ts):
+        if choice == "cpp" or _cpp.available():
+            return "cpp"
+        _cpp.warn_fallback()
+    return "torch"
+
+
+def _triton_for(*ts: Tensor) -> bool:
+    return _kernel_for(*ts) == "triton"
+
+
+def default_storage(device) -> str:
+    """'packed' where packed kernels run natively (Triton on CUDA, C++ on CPU), else 'dense'."""
+    probe = torch.empty(0, device=device)
+    return "packed" if _kernel_for(probe, cpp=True) in ("triton", "cpp") else "dense"
+
+
+def backends() -> dict:
+    """What is active: the requested backend, the implementation of the packed ops per device
+    kind, and the availability of C++ (``_C``) and Triton."""
+    choice = backend()
+    cuda = torch.cuda.is_available()
+    return {
+        "requested": choice,
+        "cpu": _kernel_for(torch.empty(0), cpp=True) if choice != "triton" else "triton (interpreter)",
+        "cuda": _kernel_for(torch.empty(0, device="cuda"), cpp=True) if cuda else None,
+        "cpp": {"available": _cpp.available(), "error": _cpp.load(), "threads": torch.get_num_threads()},
+        "triton": {"available": HAS_TRITON, "interpret": os.environ.get("TRITON_INTERPRET") == "1"},
+        "default_storage": {"cpu": default_storage("cpu"), "cuda": default_storage("cuda") if cuda else None},
+    }
 
 
 def _define(name: str, mutates_args):
@@ -77,14 +117,48 @@ def sqcov_update_(F: Tensor, G: Tensor, X: Tensor, mask: Optional[Tensor], weigh
         reference.sqcov_update_(F, G, X, mask, weight)
 
 
+@_define("lalora::packed_cov_update_", mutates_args={"P"})
+def packed_cov_update_(P: Tensor, X: Tensor, mask: Optional[Tensor], weight: float, tile: int) -> None:
+    kernel = _kernel_for(P, X, cpp=True)
+    if kernel == "triton":
+        from .triton.packed import packed_cov_update_ as triton_kernel
+        triton_kernel(P, X, mask, weight, tile)
+    elif kernel == "cpp":
+        torch.ops.lalora_cpp.packed_cov_update_(P, X, mask, weight, tile)
+    else:
+        reference.packed_cov_update_(P, X, mask, weight, tile)
+
+
+def _g_size(classes: list[int]) -> int:
+    return sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
+
+
 @_define("lalora::grouped_gram", mutates_args=())
 def grouped_gram(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
-                 classes: list[int]) -> tuple[Tensor, Tensor]:
-    if _triton_for(D, arena):
-        from .triton.gram import grouped_gram as kernel
-        g_size = sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
-        return kernel(D.to(arena.dtype), arena, items, work, pairs, plan, g_size)
-    return reference.grouped_gram(D, arena, classes)
+                 classes: list[int], tile: int) -> tuple[Tensor, Tensor]:
+    kernel = _kernel_for(D, arena, cpp=tile > 0)
+    if kernel == "triton":
+        if tile:
+            from .triton.packed import packed_gram
+            return packed_gram(D.to(arena.dtype), arena, items, work, pairs, plan, _g_size(classes), tile)
+        from .triton.gram import grouped_gram as triton_kernel
+        return triton_kernel(D.to(arena.dtype), arena, items, work, pairs, plan, _g_size(classes))
+    if kernel == "cpp":
+        return torch.ops.lalora_cpp.packed_gram(D, arena, classes, tile)
+    return reference.grouped_gram(D, arena, classes, tile)
+
+
+def sym_product(D: Tensor, S: Tensor, n: int, tile: int = 0) -> tuple[Tensor, Tensor]:
+    """``G = D S D^T`` and ``Q = D S`` for one symmetric factor S, dense (n, n) or tile-packed
+    (tile > 0), through ``grouped_gram`` (so on the active backend). D: (R, n)."""
+    from .grouping import GramLayout
+    R = D.shape[0]
+    layout = GramLayout([(n, R, 1)], tile=tile)
+    items, work, pairs, plan = (torch.tensor(t, dtype=torch.int64, device=S.device).reshape(-1, len(t[0]))
+                                if i < 3 else t for i, t in enumerate(layout.tables()))
+    G, Q = torch.ops.lalora.grouped_gram(D.reshape(-1), S.reshape(-1), items, work, pairs, plan,
+                                         layout.flat_classes(), tile)
+    return G.view(R, R), Q.view(R, n)
 
 
 @_define("lalora::diag_quad", mutates_args=())
@@ -106,14 +180,17 @@ if not HAS_TRITON:
     def _(F, D):
         return F.new_empty(()), torch.empty_like(F)
 
+    @packed_cov_update_.register_fake
+    def _(P, X, mask, weight, tile):
+        return None
+
     @grouped_gram.register_fake
-    def _(D, arena, items, work, pairs, plan, classes):
-        g_size = sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
-        return D.new_empty((g_size,), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
+    def _(D, arena, items, work, pairs, plan, classes, tile):
+        return D.new_empty((_g_size(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
 
 
 def _grouped_gram_setup(ctx, inputs, output):
-    D, classes = inputs[0], inputs[-1]
+    D, classes = inputs[0], inputs[6]
     _, Q = output
     ctx.save_for_backward(Q)
     ctx.d_dtype, ctx.classes = D.dtype, classes
@@ -124,11 +201,11 @@ def _grouped_gram_setup(ctx, inputs, output):
 def _grouped_gram_backward(ctx, dG, dQ):
     (Q,) = ctx.saved_tensors
     if dG is None:
-        return (None,) * 7
+        return (None,) * 8
     dG = dG.to(Q.dtype)
     dD = torch.cat([torch.bmm(g + g.transpose(1, 2), q).reshape(-1) for g, q in
                     zip(reference.class_views(dG, ctx.classes, "G"), reference.class_views(Q, ctx.classes, "D"))])
-    return (dD.to(ctx.d_dtype),) + (None,) * 6
+    return (dD.to(ctx.d_dtype),) + (None,) * 7
 
 
 grouped_gram.register_autograd(_grouped_gram_backward, setup_context=_grouped_gram_setup)

@@ -77,7 +77,7 @@ def test_grouped_gram_value_and_grad(classes):
     from lalora_kernels.reference import class_views
     D, arena, tabs, plan, flat = gram_problem(classes)
     D.requires_grad_()
-    G, Q = ops.grouped_gram(D, arena, *tabs, plan, flat)
+    G, Q = ops.grouped_gram(D, arena, *tabs, plan, flat, 0)
     W = torch.randn_like(G)
     (G * W).sum().backward()
     ref = 0.0
@@ -96,7 +96,7 @@ def test_grouped_gram_value_and_grad(classes):
 def test_grouped_gram_bf16_rows_grads_in_input_dtype():
     D, arena, tabs, plan, flat = gram_problem([(6, 4, 2)], dtype=torch.float32)
     D = D.bfloat16().requires_grad_()
-    G, _ = ops.grouped_gram(D, arena, *tabs, plan, flat)
+    G, _ = ops.grouped_gram(D, arena, *tabs, plan, flat, 0)
     assert G.dtype == torch.float32
     G.sum().backward()
     assert D.grad.dtype == torch.bfloat16
@@ -110,7 +110,7 @@ def test_opcheck_all_ops():
     torch.library.opcheck(ops.cov_update_, (S.clone(), X, None, 1.0))
     torch.library.opcheck(ops.sqcov_update_, (torch.rand(5, 9), torch.randn(3, 4, 5), X, mask, 1.5))
     D, arena, tabs, plan, flat = gram_problem([(9, 3, 2), (4, 5, 1)])
-    torch.library.opcheck(ops.grouped_gram, (D.requires_grad_(), arena, *tabs, plan, flat))
+    torch.library.opcheck(ops.grouped_gram, (D.requires_grad_(), arena, *tabs, plan, flat, 0))
     torch.library.opcheck(ops.diag_quad, (torch.rand(3, 4, 5, dtype=torch.float64),
                                           torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)))
 

@@ -130,10 +130,11 @@ def test_regularizer_on_peft_model_matches_closed_form(variant):
     total = 0.0
     for r in refs:
         n, a = r.name, curv.adapters[r.name]
-        kw = {k: curv.get(k, n) for k in ("Sg", "Caa", "Cbb", "Ka", "Kb", "FA", "FB")}
+        kw = {k: curv.get(k, n) for k in ("Caa", "Cbb", "Ka", "Kb", "FA", "FB")}
+        kw["Sg"] = curv.dense(f"Sg/{n}")
         v, gA, gB = penalty_closed_form(variant, r.A.detach(), r.B.detach(), curv.get("A0", n),
                                         curv.get("B0", n), scaling=a.scaling, lam=2.0 / curv.norm_constant,
-                                        delta=0.3, Sx=curv.sx(n), **kw)
+                                        delta=0.3, Sx=curv.dense(f"Sx/{a.sx_key}") if a.has_sx else None, **kw)
         total = total + v
         torch.testing.assert_close(r.A.grad, gA)
         torch.testing.assert_close(r.B.grad, gB)

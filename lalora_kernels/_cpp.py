@@ -1,0 +1,58 @@
+"""Loads ``lalora_kernels._C``, the C++ CPU kernels of ``csrc/`` (ops ``torch.ops.lalora_cpp.*``).
+
+The extension is built by ``setup.py`` when torch is importable at build time
+(``pip install --no-build-isolation``; ``LALORA_BUILD_CPP=0`` skips it). When it is missing or fails
+to load, the CPU runs the packed ops on the pure-PyTorch reference and ``warn_fallback`` says so
+once, with the reason and the fix.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+_state: dict = {}
+
+
+def load() -> Optional[str]:
+    """Import ``_C`` once; returns None on success, else why it is unavailable."""
+    if "error" not in _state:
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.lalora_cpp)
+            _register_fakes()
+            _state["error"] = None
+        except Exception as exc:                       # missing, or built against another torch
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+    return _state["error"]
+
+
+def _register_fakes() -> None:
+    """Shapes of the C++ ops' outputs, so that torch.compile can trace through them."""
+    import torch
+
+    @torch.library.register_fake("lalora_cpp::packed_cov_update_")
+    def _(P, X, mask, weight, tile):
+        return None
+
+    @torch.library.register_fake("lalora_cpp::packed_gram")
+    def _(D, arena, classes, tile):
+        g = sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
+        return D.new_empty((g,), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
+
+
+def available() -> bool:
+    return load() is None
+
+
+class CppFallbackWarning(UserWarning):
+    """The C++ CPU kernels are unavailable; the reference backend runs instead."""
+
+
+def warn_fallback() -> None:
+    if _state.get("warned"):
+        return
+    _state["warned"] = True
+    warnings.warn(
+        "lalora_kernels._C (the C++ CPU kernels) is not available, so CPU work runs on the slower "
+        f"pure-PyTorch reference backend ({load()}). Build it with torch installed: `pip install "
+        "--no-build-isolation -e .` (or `make setup`); set LALORA_BACKEND=torch to choose the "
+        "reference deliberately and silence this warning.", CppFallbackWarning, stacklevel=3)

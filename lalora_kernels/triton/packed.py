@@ -1,0 +1,147 @@
+"""Triton kernels on tile-packed symmetric factors (``reference.packed``: upper T x T tiles only).
+
+* ``packed_cov_update_``: ``S += w X^T diag(m) X``; one program per stored tile (I <= J) and token
+  split, writing its tile contiguously (diagonal tiles symmetrised exactly). No mirror is written, so
+  the update writes half the bytes of the dense kernel. Token splits add up in a fixed order.
+* ``packed_gram``: ``Q_k = D_k S_k``, ``G_k = D_k S_k D_k^T`` for every item of a ``GramLayout``
+  built with ``tile=T`` (its ``work`` table then has one T-wide column block per program). Program
+  (item, row tile, column block J) walks the virtual column J of S: tile (I, J) for I <= J and the
+  transpose of tile (J, I) below the diagonal (a transposed load, no copy). The Gram shares are
+  added by the dense kernel's deterministic reduction.
+
+Traffic: storage and the update's writes are halved; the product reads an off-diagonal tile twice
+(once for each of its two column blocks), so per call it reads about as many bytes as the dense
+kernel. A single-read version needs partial sums across programs (see docs/SPEC.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .common import INTERPRET, FP32_DOT, check_operands, dot_precision, live_rows, split_rows
+from .gram import _gram_reduce_kernel
+
+
+def _check_tile(tile: int) -> None:
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"the Triton packed kernels need a power-of-two tile >= 16 (tl.dot blocks), got "
+                         f"tile={tile}; use the default tile (32) or LALORA_BACKEND=torch")
+
+
+@triton.jit
+def _packed_syrk_kernel(X, M, P, TI, N, n, rows_per_split, stride_xn, stride_xk, stride_ps, w,
+                        HAS_MASK: tl.constexpr, T: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    t = tl.program_id(0)
+    split = tl.program_id(1)
+    ti = tl.load(TI + 2 * t)
+    tj = tl.load(TI + 2 * t + 1)
+    ri = ti * T + tl.arange(0, T)
+    rj = tj * T + tl.arange(0, T)
+    acc = tl.zeros((T, T), dtype=tl.float32)
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, N)
+    for k0 in range(start, end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        live = live_rows(M, rk, end, HAS_MASK)
+        a = tl.load(X + rk[:, None] * stride_xn + ri[None, :] * stride_xk,
+                    mask=live[:, None] & (ri[None, :] < n), other=0.0)
+        b = tl.load(X + rk[:, None] * stride_xn + rj[None, :] * stride_xk,
+                    mask=live[:, None] & (rj[None, :] < n), other=0.0)
+        if UPCAST:    # the interpreter has no bf16 dot; bf16 products are exact in fp32 anyway
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
+    acc = acc * w
+    if ti == tj:   # diagonal tile: upper half mirrored, exactly symmetric
+        acc = tl.where(ri[:, None] <= rj[None, :], acc, tl.trans(acc))
+    loc = tl.arange(0, T)
+    p = P + split.to(tl.int64) * stride_ps + t.to(tl.int64) * T * T + loc[:, None] * T + loc[None, :]
+    tl.store(p, tl.load(p) + acc)
+
+
+def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor], weight: float,
+                       tile: int, splits: Optional[int] = None) -> None:
+    """Launcher; ``splits`` forces the token-axis split (tests), otherwise it is chosen from shape."""
+    check_operands(P, X)
+    _check_tile(tile)
+    n = X.shape[-1]
+    X = X.reshape(-1, n)
+    N = X.shape[0]
+    nt = triton.cdiv(n, tile)
+    tiles = nt * (nt + 1) // 2
+    if P.dim() != 1 or P.numel() != tiles * tile * tile or not P.is_contiguous():
+        raise ValueError(f"P must be a contiguous packed factor of {tiles * tile * tile} numbers (n={n}, "
+                         f"tile={tile}); got shape {tuple(P.shape)}")
+    if N == 0:
+        return
+    m = None if mask is None else mask.reshape(-1).to(device=X.device, dtype=torch.int8)
+    ij = torch.triu_indices(nt, nt, device=X.device).T.contiguous().to(torch.int32)
+    k, rows = split_rows(tiles, N, splits)
+    out = P if k == 1 else torch.zeros((k, P.numel()), dtype=torch.float32, device=P.device)
+    wrap_triton(_packed_syrk_kernel)[(tiles, k)](
+        X, m if m is not None else X, out, ij, N, n, rows, X.stride(0), X.stride(1),
+        0 if k == 1 else out.stride(0), float(weight), HAS_MASK=m is not None, T=tile,
+        BLOCK_K=64, PRECISION=dot_precision(X.dtype), UPCAST=INTERPRET, num_warps=4, num_stages=3)
+    if k > 1:
+        P.add_(out.sum(0))
+
+
+@triton.jit
+def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
+                          BLOCK_R: tl.constexpr, T: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    w = w_start + pid
+    item = tl.load(work + 3 * w)
+    rt = tl.load(work + 3 * w + 1)
+    tj = tl.load(work + 3 * w + 2)
+    s_off = tl.load(items + 5 * item)
+    n = tl.load(items + 5 * item + 1)
+    d_off = tl.load(items + 5 * item + 2)
+    R = tl.load(items + 5 * item + 3)
+    nt = tl.cdiv(n, T)
+    rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    rj = tj * T + tl.arange(0, T)
+    loc = tl.arange(0, T)
+    q = tl.zeros((BLOCK_R, T), dtype=tl.float32)
+    for ti in range(0, nt):
+        rk = ti * T + loc
+        d = tl.load(D + d_off + rr[:, None] * n + rk[None, :],
+                    mask=(rr[:, None] < R) & (rk[None, :] < n), other=0.0)
+        lo = tl.minimum(ti, tj)
+        hi = tl.maximum(ti, tj)
+        base = S + s_off + (lo * nt - lo * (lo - 1) // 2 + hi - lo).to(tl.int64) * T * T
+        # element [k, j] of S(ti, tj): the stored tile above the diagonal, its transpose below
+        offs = tl.where(ti <= tj, loc[:, None] * T + loc[None, :], loc[None, :] * T + loc[:, None])
+        q += tl.dot(d, tl.load(base + offs), input_precision=PRECISION)
+    tl.store(Q + d_off + rr[:, None] * n + rj[None, :], q, mask=(rr[:, None] < R) & (rj[None, :] < n))
+    gp = Gp + pid.to(tl.int64) * BLOCK_R * cols
+    for c0 in range(0, R, BLOCK_R):
+        rc = c0 + tl.arange(0, BLOCK_R)
+        dc = tl.load(D + d_off + rc[:, None] * n + rj[None, :],
+                     mask=(rc[:, None] < R) & (rj[None, :] < n), other=0.0)
+        g = tl.dot(q, tl.trans(dc), input_precision=PRECISION)
+        tl.store(gp + tl.arange(0, BLOCK_R)[:, None] * cols + rc[None, :], g, mask=rc[None, :] < R)
+
+
+def packed_gram(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor, work: torch.Tensor,
+                pairs: torch.Tensor, plan: list[int], g_size: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: D (d_size,) fp32, arena of tile-packed factors (fp32), tables from
+    ``GramLayout(..., tile=tile).tables()`` (one T-wide column block per work entry)."""
+    if arena.dtype != torch.float32 or D.dtype != torch.float32:
+        raise ValueError(f"the Triton packed_gram takes fp32 D and arena, got {D.dtype}, {arena.dtype}")
+    _check_tile(tile)
+    Q = torch.empty_like(D)
+    G = torch.empty(g_size, dtype=torch.float32, device=D.device)
+    for b in range(0, len(plan), 6):
+        w0, w1, p0, p1, br, cols = plan[b:b + 6]
+        Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device)
+        wrap_triton(_packed_panels_kernel)[(w1 - w0,)](
+            D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br, T=tile, PRECISION=FP32_DOT,
+            num_warps=4, num_stages=3)
+        wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br, num_warps=4)
+    return G, Q
