@@ -1,9 +1,10 @@
 """lalora_kernels: fast, exact LaLoRA (Laplace-regularised LoRA) curvature and penalty."""
 from . import ops  # noqa: F401  (registers the lalora:: operators)
+from .ops import backends
 from .capture import DegenerateCurvatureWarning, estimate_curvature
 from .curvature import AdapterInfo, LoRACurvature
 from .penalty import LaLoRARegularizer, LaplacePenalty, fused_laplace_penalty
 from .version import __version__
 
-__all__ = ["estimate_curvature", "LoRACurvature", "AdapterInfo", "LaLoRARegularizer", "LaplacePenalty",
+__all__ = ["backends", "estimate_curvature", "LoRACurvature", "AdapterInfo", "LaLoRARegularizer", "LaplacePenalty",
            "fused_laplace_penalty", "DegenerateCurvatureWarning", "__version__"]

@@ -50,9 +50,9 @@ def backend() -> str:
     return choice
 
 
-def _kernel_for(*ts: Tensor, cpp: bool = False) -> str:
+def _kernel_for(*ts: Tensor, cpp: bool = False, warn: bool = True) -> str:
     """Which implementation runs an op on these tensors: 'triton', 'cpp' or 'torch'.
-    ``cpp``: the op has a C++ CPU kernel."""
+    ``cpp``: the op has a C++ CPU kernel; ``warn``: say (once) when it is unavailable."""
     choice = backend()
     if choice == "torch":
         return "torch"
@@ -64,7 +64,8 @@ def _kernel_for(*ts: Tensor, cpp: bool = False) -> str:
     if cpp and all(t.device.type == "cpu" for t in ts):
         if choice == "cpp" or _cpp.available():
             return "cpp"
-        _cpp.warn_fallback()
+        if warn:
+            _cpp.warn_fallback()
     return "torch"
 
 
@@ -72,10 +73,10 @@ def _triton_for(*ts: Tensor) -> bool:
     return _kernel_for(*ts) == "triton"
 
 
-def default_storage(device) -> str:
+def default_storage(device, warn: bool = True) -> str:
     """'packed' where packed kernels run natively (Triton on CUDA, C++ on CPU), else 'dense'."""
     probe = torch.empty(0, device=device)
-    return "packed" if _kernel_for(probe, cpp=True) in ("triton", "cpp") else "dense"
+    return "packed" if _kernel_for(probe, cpp=True, warn=warn) in ("triton", "cpp") else "dense"
 
 
 def backends() -> dict:
@@ -85,11 +86,12 @@ def backends() -> dict:
     cuda = torch.cuda.is_available()
     return {
         "requested": choice,
-        "cpu": _kernel_for(torch.empty(0), cpp=True) if choice != "triton" else "triton (interpreter)",
-        "cuda": _kernel_for(torch.empty(0, device="cuda"), cpp=True) if cuda else None,
+        "cpu": _kernel_for(torch.empty(0), cpp=True, warn=False) if choice != "triton" else "triton (interpreter)",
+        "cuda": _kernel_for(torch.empty(0, device="cuda"), cpp=True, warn=False) if cuda else None,
         "cpp": {"available": _cpp.available(), "error": _cpp.load(), "threads": torch.get_num_threads()},
         "triton": {"available": HAS_TRITON, "interpret": os.environ.get("TRITON_INTERPRET") == "1"},
-        "default_storage": {"cpu": default_storage("cpu"), "cuda": default_storage("cuda") if cuda else None},
+        "default_storage": {"cpu": default_storage("cpu", warn=False),
+                            "cuda": default_storage("cuda", warn=False) if cuda else None},
     }
 
 

@@ -7,7 +7,8 @@ from conftest import TOL, rel_err
 
 pytest.importorskip("triton")
 
-from lalora_kernels.triton import accumulate, diag, gram  # noqa: E402
+from lalora_kernels.reference import pack, packed_numel, unpack  # noqa: E402
+from lalora_kernels.triton import accumulate, diag, gram, packed  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
@@ -126,5 +127,83 @@ def test_capture_on_triton_backend_matches_torch(monkeypatch, dtype):
             out[backend] = {v: estimate_curvature(tiny_llama(dtype).to(DEV), data, variant=v,
                                                   progress=False) for v in ("tri", "diag")}
     for v, curv in out["triton"].items():
-        for k, t in curv.tensors.items():
-            torch.testing.assert_close(t, out["torch"][v].tensors[k], rtol=1e-5, atol=1e-6)
+        assert curv.layout == ("packed" if v == "tri" else "packed")   # Triton has packed kernels
+        for k, t in out["torch"][v].tensors.items():
+            torch.testing.assert_close(curv.dense(k), t, rtol=1e-5, atol=1e-6)
+
+
+# ---- tile-packed kernels -------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 7, 64, 129, 256])
+@pytest.mark.parametrize("N", [1, 63, 2048])
+def test_packed_cov_update_shapes(n, N):
+    X = torch.randn(N, n, device=DEV)
+    mask = torch.rand(N, device=DEV) > 0.3
+    S0 = torch.randn(n, n)
+    S0 = S0 + S0.T
+    P = pack(S0, 32).to(DEV)
+    packed.packed_cov_update_(P, X, mask, 0.5, 32)
+    got = unpack(P.cpu(), n, 32)
+    torch.testing.assert_close(got.double(), _ref_cov(S0, X.cpu(), mask.cpu(), 0.5), rtol=1e-5, atol=1e-4)
+    assert torch.equal(got, got.T)
+    assert torch.equal(pack(got, 32), P.cpu()), "padding beyond n must stay zero"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3, None])
+@pytest.mark.parametrize("tile", [16, 32, 64])
+def test_packed_cov_update_dtypes_splits_tiles(dtype, splits, tile):
+    N, n = 700, 129
+    X = torch.randn(N, n, device=DEV).to(dtype)
+    mask = torch.ones(N, dtype=torch.long, device=DEV)
+    mask[500:] = 0
+    P = torch.zeros(packed_numel(n, tile), device=DEV)
+    packed.packed_cov_update_(P, X, mask, 1.0, tile, splits=splits)
+    ref = _ref_cov(torch.zeros(n, n), X.cpu(), mask.cpu(), 1.0)
+    torch.testing.assert_close(unpack(P.cpu(), n, tile).double(), ref, **KERNEL_TOL[dtype])
+    again = torch.zeros_like(P)
+    packed.packed_cov_update_(again, X, mask, 1.0, tile, splits=splits)
+    assert torch.equal(P, again), "the reduction must be deterministic"
+
+
+def test_packed_kernels_reject_small_tiles():
+    with pytest.raises(ValueError, match="tile >= 16"):
+        packed.packed_cov_update_(torch.zeros(packed_numel(9, 8)), torch.randn(3, 9), None, 1.0, 8)
+
+
+@pytest.mark.parametrize("classes", [[(7, 1, 1)], [(64, 7, 3), (129, 24, 2)],
+                                     [(5, 3, 2), (1, 2, 1), (256, 70, 1), (100, 40, 2)]])
+def test_packed_grouped_gram(classes):
+    from test_packed import _packed_problem
+
+    from lalora_kernels.reference import grouped_gram as ref_gram
+    (D, arena, _, _, flat), (P, tabs, plan, pflat) = _packed_problem(classes, 32, torch.float32)
+    g_size = sum(flat[c + 1] ** 2 * flat[c + 2] for c in range(0, len(flat), 6))
+    D, P, tabs = D.to(DEV), P.to(DEV), [t.to(DEV) for t in tabs]
+    G, Q = packed.packed_gram(D, P, *tabs, plan, g_size, 32)
+    Gr, Qr = ref_gram(D.double().cpu(), arena.double(), flat)
+    assert rel_err(Q.cpu(), Qr) < 1e-6
+    assert rel_err(G.cpu(), Gr) < 1e-6
+    G2, Q2 = packed.packed_gram(D, P, *tabs, plan, g_size, 32)
+    assert torch.equal(G, G2) and torch.equal(Q, Q2), "the reduction must be deterministic"
+
+
+@pytest.mark.parametrize("variant", ["kfac", "tri", "wkfac"])
+def test_packed_penalty_on_triton_backend(monkeypatch, variant):
+    """LaplacePenalty on tile-packed factors through the op layer on Triton vs the closed form."""
+    from test_penalty import LAYOUT, _closed_sum, _problem
+
+    from lalora_kernels import LaplacePenalty, LoRACurvature
+    p = _problem(torch.float32, zero_b=() if variant == "wkfac" else (2,))
+    on = lambda ts: [t.detach().float().to(DEV) for t in ts]  # noqa: E731
+    A, B = [a.requires_grad_() for a in on(p["A"])], [b.requires_grad_() for b in on(p["B"])]
+    curv = LoRACurvature.from_tensors(on(p["A0"]), on(p["B0"]), variant=variant, scaling=p["scaling"],
+                                      Sx=on(p["Sx"]), sx_index=[j for *_, j in LAYOUT], Sg=on(p["Sg"]))
+    curv.to_layout("packed", 16)
+    monkeypatch.setenv("LALORA_BACKEND", "triton")
+    value = LaplacePenalty(curv, lam=1.1, prior_precision=0.1, normalize=None)(A, B)
+    value.backward()
+    ref, gA, gB = _closed_sum(variant, p, 1.1, 0.1)
+    torch.testing.assert_close(value.double().cpu(), ref, **TOL[torch.float32])
+    for k in range(len(gA)):
+        torch.testing.assert_close(A[k].grad.double().cpu(), gA[k], **TOL[torch.float32])
+        torch.testing.assert_close(B[k].grad.double().cpu(), gB[k], **TOL[torch.float32])
