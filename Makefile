@@ -11,24 +11,33 @@ BIN := $(VENV)/bin
 .PHONY: setup demo test bench peers
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
+# --no-build-isolation: setup.py builds the C++ CPU kernels (lalora_kernels._C, from csrc/) against
+# the torch installed here; an isolated build would not see torch and would skip them.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	[ -z "$(TORCH)" ] || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,plot]"
+	$(BIN)/python -m pip install -q "setuptools>=68" wheel ninja
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,plot]"
+	$(BIN)/python -c "import lalora_kernels as L; b = L.backends(); assert b['cpp']['available'] or '$(LALORA_BUILD_CPP)' == '0', b; print('backends:', b['cpu'], b['default_storage'])"
 	touch $@
 
 demo: setup
 	$(BIN)/lalora demo
 
+# The suite runs on the default backends (C++ and packed factors on CPU), then the tests that
+# exercise the ops, penalty and capture again on the pure-PyTorch reference (dense factors).
 test: setup peers
 	$(BIN)/python -m pytest -q
+	LALORA_BACKEND=torch $(BIN)/python -m pytest -q tests/test_ops.py tests/test_penalty.py \
+	  tests/test_capture.py tests/test_api.py tests/test_distributed.py
 
 bench: setup
 	$(BIN)/lalora bench --out benchmarks/results/lalora_bench
 	$(BIN)/python benchmarks/bench_penalty_cpu.py
 	$(BIN)/python benchmarks/bench_capture_cpu.py
 	$(BIN)/python benchmarks/bench_distributed_cpu.py
+	$(BIN)/python benchmarks/bench_packed_cpu.py
 
 # curvlinops (the peer `lalora bench` compares against and the tests cross-check) without letting
 # it replace the pinned torch: its backpack dependency would pull torchvision and a newer torch.

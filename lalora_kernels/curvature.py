@@ -100,7 +100,8 @@ class LoRACurvature:
                 raise ValueError(f"{arg} has {len(val)} entries but A_star has {n}; give one per adapter")
         tensors, adapters = {}, {}
         for j, S in enumerate(Sx):
-            tensors[f"Sx/input{j}"] = S
+            if j in sx_index:                        # an Sx no adapter reads is not kept
+                tensors[f"Sx/input{j}"] = S
         for k in range(n):
             name, (r, i), o = f"adapter{k}", A_star[k].shape, B_star[k].shape[0]
             j = sx_index[k]
@@ -149,7 +150,9 @@ class LoRACurvature:
         """n of the n x n factor ``Sx/<leader>`` or ``Sg/<module>``."""
         kind, name = key.split("/", 1)
         if kind == "Sx":
-            info = next(a for a in self.adapters.values() if a.sx_key == name)
+            info = next((a for a in self.adapters.values() if a.sx_key == name and a.has_sx), None)
+            if info is None:
+                raise KeyError(f"{key!r} is read by no adapter of this curvature")
             return info.in_features
         return self.adapters[name].out_features
 

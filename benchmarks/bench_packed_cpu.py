@@ -1,0 +1,113 @@
+"""CPU: tile-packed factors on the C++ kernels (csrc/) vs dense factors on the torch reference.
+
+Side by side in one run, for n in {1024, 2048, 4096} and r in {8, 16, 64}:
+* penalty: ``LaplacePenalty`` value + gradients (forward + backward) over ``--adapters`` adapters
+  with in = out = n (each reads its own Sx and Sg), packed on C++ vs dense on the reference;
+* accumulation: ``lalora::packed_cov_update_`` (C++) vs ``torch.addmm_(S, X.T, X)`` on the dense
+  factor, N tokens of fp32 rows;
+* bytes: packed / dense factor storage.
+Run: python benchmarks/bench_packed_cpu.py [--sizes 1024 2048 4096 --ranks 8 16 64]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from common import median_seconds, table, write
+from lalora_kernels import LaplacePenalty, LoRACurvature, backends
+from lalora_kernels.reference import TILE, packed_numel
+
+
+def with_backend(name, fn):
+    def run():
+        old = os.environ.get("LALORA_BACKEND")
+        os.environ["LALORA_BACKEND"] = name
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ["LALORA_BACKEND"]
+            else:
+                os.environ["LALORA_BACKEND"] = old
+    return run
+
+
+def spd(n, gen):
+    X = torch.randn(2 * n, n, generator=gen)
+    return X.T @ X / (2 * n)
+
+
+def penalty_rows(n, ranks, variants, adapters, min_time, gen):
+    Sx = [spd(n, gen) for _ in range(adapters)]
+    Sg = [spd(n, gen) for _ in range(adapters)]
+    rows = []
+    for r in ranks:
+        A0 = [torch.randn(r, n, generator=gen) / n ** 0.5 for _ in range(adapters)]
+        B0 = [torch.randn(n, r, generator=gen) / r ** 0.5 for _ in range(adapters)]
+        A = [(a + 1e-2 * torch.randn_like(a)).requires_grad_() for a in A0]
+        B = [(b + 1e-2 * torch.randn_like(b)).requires_grad_() for b in B0]
+        for variant in variants:
+            kw = dict(variant=variant, scaling=[2.0] * adapters, Sx=Sx, sx_index=list(range(adapters)), Sg=Sg)
+            dense = LaplacePenalty(LoRACurvature.from_tensors(A0, B0, **kw), lam=1.0)
+            packed = LaplacePenalty(LoRACurvature.from_tensors(A0, B0, **kw).to_layout("packed", TILE), lam=1.0)
+            step = lambda pen: (lambda: torch.autograd.grad(pen(A, B), A + B))  # noqa: E731
+            values = {}                     # the same value on both paths before timing
+            with_backend("torch", lambda: values.setdefault("dense", dense(A, B).detach()))()
+            with_backend("cpp", lambda: values.setdefault("packed", packed(A, B).detach()))()
+            torch.testing.assert_close(values["packed"], values["dense"], rtol=1e-4, atol=1e-6)
+            t_dense = median_seconds(with_backend("torch", step(dense)), min_time)
+            t_cpp = median_seconds(with_backend("cpp", step(packed)), min_time)
+            t_ref = median_seconds(with_backend("torch", step(packed)), min_time) if n <= 1024 else None
+            rows.append({"n": n, "r": r, "variant": variant, "adapters": adapters,
+                         "dense_torch_ms": round(t_dense * 1e3, 2), "packed_cpp_ms": round(t_cpp * 1e3, 2),
+                         "packed_torch_ms": None if t_ref is None else round(t_ref * 1e3, 2),
+                         "speedup": round(t_dense / t_cpp, 2),
+                         "factor_MiB_dense": round(dense.arena.numel() * 4 / 2**20, 2),
+                         "factor_MiB_packed": round(packed.arena.numel() * 4 / 2**20, 2)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def accumulate_row(n, tokens, min_time, gen):
+    X = torch.randn(tokens, n, generator=gen)
+    S = torch.zeros(n, n)
+    P = torch.zeros(packed_numel(n, TILE))
+    t_addmm = median_seconds(lambda: S.addmm_(X.T, X), min_time)
+    t_cpp = median_seconds(lambda: torch.ops.lalora_cpp.packed_cov_update_(P, X, None, 1.0, TILE), min_time)
+    row = {"n": n, "tokens": tokens, "addmm_dense_ms": round(t_addmm * 1e3, 2),
+           "packed_cpp_ms": round(t_cpp * 1e3, 2), "speedup": round(t_addmm / t_cpp, 2),
+           "bytes_packed_over_dense": round(packed_numel(n, TILE) / n ** 2, 4)}
+    print(row, flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+    ap.add_argument("--variants", nargs="+", default=["kfac", "wkfac"])
+    ap.add_argument("--adapters", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--out", help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+    info = backends()
+    if not info["cpp"]["available"]:
+        raise SystemExit(f"the C++ kernels are not built ({info['cpp']['error']}); pip install --no-build-isolation -e .")
+    gen = torch.Generator().manual_seed(0)
+    pen, acc = [], []
+    for n in args.sizes:
+        pen += penalty_rows(n, args.ranks, args.variants, args.adapters, args.min_run_time, gen)
+        acc.append(accumulate_row(n, args.tokens, args.min_run_time, gen))
+    path = write("cpu_packed.json", pen, out=args.out, config=vars(args), tile=TILE, accumulate=acc,
+                 what="penalty: forward+backward median seconds, packed on C++ vs dense on the torch "
+                      "reference; accumulate: packed_cov_update_ (C++) vs addmm_ on the dense factor")
+    print(table(pen, list(pen[0])))
+    print(table(acc, list(acc[0])))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
