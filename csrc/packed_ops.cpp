@@ -208,7 +208,9 @@ inline bool use_dot(int64_t R, int64_t T, at::ScalarType t) {
   const int64_t W = t == at::kFloat ? 16 : 8;
   return R < 2 * W && T % W == 0;
 }
-constexpr int64_t GROUP = 4;     // tiles per L1-resident group (4 x 4 KiB at T = 32, fp32)
+constexpr int64_t GROUP = 4;
+constexpr int64_t CB = 16;
+constexpr int64_t PREFETCH = 8;  // tiles of prefetch distance       // tiles per column block (512 columns at T = 32)     // tiles per L1-resident group (4 x 4 KiB at T = 32, fp32)
 
 int64_t num_chunks(int64_t n, int64_t R, int64_t m, int64_t nt) {
   const int64_t want = (TARGET_TASKS + m - 1) / m, cap = std::max<int64_t>(1, n / (32 * std::max<int64_t>(R, 1)));
@@ -283,30 +285,38 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         scalar_t* U = part + part_off[t];
         scalar_t* Lt = U + R * ld;                      // (nt*T x R), only in the wide form
         std::vector<scalar_t> lanes(dot_form ? R * T * W : 0, scalar_t(0));
-        for (int64_t I = task.I0; I < task.I1; ++I) {
-          const scalar_t* row = sp + row_start(I, nt) * T * T;
-          // groups of GROUP tiles: the first half of the product streams them from memory, the
-          // second half finds them in L1
-          for (int64_t J0 = I; J0 < nt; J0 += GROUP) {
-            const int64_t J1 = std::min(nt, J0 + GROUP);
-            // software prefetch of the group after the next: one core's demand misses alone do not
-            // keep enough lines in flight to stream at memory speed
-            const int64_t P0 = std::min(nt, J1 + GROUP), P1 = std::min(nt, P0 + GROUP);
-            const char* ahead = reinterpret_cast<const char*>(row + (P0 - I) * T * T);
-            for (int64_t o = 0; o < (P1 - P0) * T * T * (int64_t)sizeof(scalar_t); o += 64)
-              __builtin_prefetch(ahead + o);
-            for (int64_t J = J0; J < J1; ++J)                                // U_J += D_I S_IJ
-              gemm<4>(R, T, T, dp + I * T, ld, row + (J - I) * T * T, T, U + J * T, ld);
-            const int64_t K0 = std::max(J0, I + 1);
-            if (K0 >= J1) continue;
-            if (dot_form) {                                                  // U_I += sum_J D_J S_IJ^T
-              dot_group<scalar_t>(J1 - K0, R, T, dp + K0 * T, ld, row + (K0 - I) * T * T, lanes.data());
-            } else {                                                         // L_I^T += S_IJ D_J^T
-              for (int64_t J = K0; J < J1; ++J)
-                gemm<8>(T, R, T, row + (J - I) * T * T, T, dt + J * T * R, R, Lt + I * T * R, R);
+        // Column blocks of CB tiles outermost: the partial blocks a task updates (U_J for the block's
+        // columns, U_I / L_I for its rows) stay cache-resident however large R * n is. Every stored
+        // tile is still read exactly once.
+        for (int64_t Jb = task.I0; Jb < nt; Jb += CB) {
+          const int64_t Je = std::min(nt, Jb + CB);
+          for (int64_t I = task.I0; I < std::min(task.I1, Je); ++I) {
+            const scalar_t* row = sp + row_start(I, nt) * T * T;
+            const int64_t Js = std::max(I, Jb);
+            // groups of GROUP tiles: the first half of the product streams them from memory, the
+            // second half finds them in L1
+            for (int64_t J0 = Js; J0 < Je; J0 += GROUP) {
+              const int64_t J1 = std::min(Je, J0 + GROUP);
+              for (int64_t J = J0; J < J1; ++J) {                            // U_J += D_I S_IJ
+                // software prefetch, into L2, of the tile PREFETCH tiles ahead: one core's demand
+                // misses alone do not keep enough lines in flight to stream at memory speed
+                if (J + PREFETCH < Je) {
+                  const char* ahead = reinterpret_cast<const char*>(row + (J + PREFETCH - I) * T * T);
+                  for (int64_t o = 0; o < T * T * (int64_t)sizeof(scalar_t); o += 64) __builtin_prefetch(ahead + o, 0, 1);
+                }
+                gemm<8>(R, T, T, dp + I * T, ld, row + (J - I) * T * T, T, U + J * T, ld);
+              }
+              const int64_t K0 = std::max(J0, I + 1);
+              if (K0 >= J1) continue;
+              if (dot_form) {                                                // U_I += sum_J D_J S_IJ^T
+                dot_group<scalar_t>(J1 - K0, R, T, dp + K0 * T, ld, row + (K0 - I) * T * T, lanes.data());
+              } else {                                                       // L_I^T += S_IJ D_J^T
+                for (int64_t J = K0; J < J1; ++J)
+                  gemm<8>(T, R, T, row + (J - I) * T * T, T, dt + J * T * R, R, Lt + I * T * R, R);
+              }
             }
+            if (dot_form && std::max(Js, I + 1) < Je) finish_lanes<scalar_t>(R, T, lanes.data(), U + I * T, ld);
           }
-          if (dot_form && I + 1 < nt) finish_lanes<scalar_t>(R, T, lanes.data(), U + I * T, ld);
         }
       }
     });
