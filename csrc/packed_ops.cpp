@@ -218,6 +218,23 @@ int64_t num_chunks(int64_t n, int64_t R, int64_t m, int64_t nt) {
   return std::max<int64_t>(1, std::min({want, cap, nt}));
 }
 
+// Numbers in one task's partials (see packed_gram).
+inline int64_t part_size(int64_t n, int64_t R, int64_t T, at::ScalarType t) {
+  const int64_t nt = num_tiles(n, T);
+  return R * lead(nt * T) + (use_dot(R, T, t) ? 0 : nt * T * R);
+}
+
+// dst (R x n) = U (R x ld, cropped) + (wide ? L, read from its transpose L^T (nt*T x R) : 0).
+template <typename scalar_t>
+void write_q(const scalar_t* U, bool wide, int64_t R, int64_t n, int64_t ld, scalar_t* dst) {
+  for (int64_t r = 0; r < R; ++r) std::copy_n(U + r * ld, n, dst + r * n);
+  if (!wide) return;
+  const scalar_t* Lt = U + R * ld;
+  for (int64_t j0 = 0; j0 < n; j0 += 64)            // blocked transpose-add: both sides stay in L1
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = j0; j < std::min(n, j0 + 64); ++j) dst[r * n + j] += Lt[j * R + r];
+}
+
 std::vector<int64_t> chunk_bounds(int64_t nt, int64_t parts) {
   const int64_t total = nt * (nt + 1) / 2;
   std::vector<int64_t> bounds{0};
@@ -240,9 +257,12 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   TORCH_CHECK(classes.size() % 6 == 0, "classes must hold 6 numbers per class");
   const at::Tensor D = D_in.to(arena.scalar_type()).contiguous();
   const int64_t T = tile;
-  struct Task { int64_t cls, bundle, I0, I1, part; };
+  struct Task { int64_t cls, bundle, I0, I1, part, parts; };
   std::vector<Task> tasks;
-  std::vector<int64_t> part_off{0};       // each task's partials: U (R x nt*T) then L^T (nt*T x R)
+  // Partials of a task: U (R x lead) then, in the narrow-wide form, L^T (nt*T x R). A bundle done by
+  // one task keeps them task-local (cache-hot) and writes its Q directly; the partials of bundles
+  // split over several tasks live in ``scratch`` and are summed afterwards in chunk order.
+  std::vector<int64_t> part_off{0};
   int64_t g_size = 0;
   for (size_t c = 0; c < classes.size(); c += 6) {
     const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
@@ -252,10 +272,12 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
                 "arena is too short for class ", c / 6, " (packed n=", n, ", tile=", T, ")");
     g_size = std::max(g_size, classes[c + 5] + m * R * R);
     const auto bounds = chunk_bounds(nt, num_chunks(n, R, m, nt));
+    const int64_t parts = (int64_t)bounds.size() - 1;
+    const int64_t size = part_size(n, R, T, arena.scalar_type());
     for (int64_t b = 0; b < m; ++b)
-      for (size_t k = 0; k + 1 < bounds.size(); ++k) {
-        tasks.push_back({(int64_t)c, b, bounds[k], bounds[k + 1], (int64_t)k});
-        part_off.push_back(part_off.back() + R * lead(nt * T) + (use_dot(R, T, arena.scalar_type()) ? 0 : nt * T * R));
+      for (int64_t k = 0; k < parts; ++k) {
+        tasks.push_back({(int64_t)c, b, bounds[k], bounds[k + 1], k, parts});
+        part_off.push_back(part_off.back() + (parts > 1 ? size : 0));
       }
   }
   at::Tensor Q = at::empty({D.numel()}, D.options());
@@ -273,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   AT_DISPATCH_FLOATING_TYPES(arena.scalar_type(), "packed_gram", [&] {
     const scalar_t* s = arena.data_ptr<scalar_t>();
     scalar_t* part = scratch.data_ptr<scalar_t>();
+    scalar_t* q = Q.data_ptr<scalar_t>();
     constexpr int64_t W = 64 / sizeof(scalar_t);
     at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
       for (int64_t t = tb; t < te; ++t) {
@@ -283,7 +306,9 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         const scalar_t* dp = padded[c / 6].data_ptr<scalar_t>() + task.bundle * R * ld;
         const scalar_t* dt = dot_form ? nullptr : padded_t[c / 6].data_ptr<scalar_t>() + task.bundle * R * nt * T;
         const scalar_t* sp = s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T;
-        scalar_t* U = part + part_off[t];
+        at::Tensor local = task.parts == 1 ? at::zeros({part_size(n, R, T, arena.scalar_type())}, arena.options())
+                                           : at::Tensor();
+        scalar_t* U = task.parts == 1 ? local.data_ptr<scalar_t>() : part + part_off[t];
         scalar_t* Lt = U + R * ld;                      // (nt*T x R), only in the wide form
         std::vector<scalar_t> lanes(dot_form ? R * T * W : 0, scalar_t(0));
         // Column blocks of CB tiles outermost: the partial blocks a task updates (U_J for the block's
@@ -319,33 +344,25 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
             if (dot_form && std::max(Js, I + 1) < Je) finish_lanes<scalar_t>(R, T, lanes.data(), U + I * T, ld);
           }
         }
+        if (task.parts == 1)
+          write_q(U, !dot_form, R, n, ld, q + classes[c + 3] + task.bundle * R * n);
       }
     });
-    // Q = sum over the bundle's chunks of U (+ L), in chunk order, cropped to n
+    // bundles split over several tasks: Q = sum over chunks of U (+ L), in chunk order, cropped to n
     std::vector<int64_t> first;
     for (size_t t = 0; t < tasks.size(); ++t)
-      if (tasks[t].part == 0) first.push_back((int64_t)t);
-    scalar_t* q = Q.data_ptr<scalar_t>();
+      if (tasks[t].part == 0 && tasks[t].parts > 1) first.push_back((int64_t)t);
     at::parallel_for(0, (int64_t)first.size(), 1, [&](int64_t bb, int64_t be) {
       for (int64_t f = bb; f < be; ++f) {
-        const int64_t t0 = first[f];
-        const Task& task = tasks[t0];
+        const Task& task = tasks[first[f]];
         const int64_t c = task.cls, n = classes[c], R = classes[c + 1], ld = lead(num_tiles(n, T) * T);
         const bool wide = !use_dot(R, T, arena.scalar_type());
-        int64_t t1 = t0 + 1;
-        while (t1 < (int64_t)tasks.size() && tasks[t1].part != 0) ++t1;
         scalar_t* dst = q + classes[c + 3] + task.bundle * R * n;
-        for (int64_t r = 0; r < R; ++r) {
-          scalar_t* out = dst + r * n;
-          for (int64_t j = 0; j < n; ++j) out[j] = 0;
-          for (int64_t t = t0; t < t1; ++t) {
-            const scalar_t* U = part + part_off[t] + r * ld;
-            for (int64_t j = 0; j < n; ++j) out[j] += U[j];
-            if (wide) {
-              const scalar_t* Lt = part + part_off[t] + R * ld + r;
-              for (int64_t j = 0; j < n; ++j) out[j] += Lt[j * R];
-            }
-          }
+        write_q(part + part_off[first[f]], wide, R, n, ld, dst);
+        std::vector<scalar_t> more(R * n);
+        for (int64_t k = 1; k < task.parts; ++k) {
+          write_q(part + part_off[first[f] + k], wide, R, n, ld, more.data());
+          for (int64_t j = 0; j < R * n; ++j) dst[j] += more[j];
         }
       }
     });
