@@ -192,9 +192,12 @@ void packed_cov_update_(at::Tensor P, const at::Tensor& X_in, const c10::optiona
 
 // ---- grouped packed product: Q_k = D_k S_k, G_k = Q_k D_k^T ----------------------------------------
 // Each bundle's tile rows are cut into a few ranges of about equal tile counts; a task
-// (bundle, chunk) streams its tile rows once. Tile (I, J) adds D_I S_IJ to block J of the task's
-// partial U (R x n) and, for I < J, S_IJ D_J^T to block I of its partial L^T (n x R), both as
-// register-blocked products that read the tile from L1. Q = sum over chunks of U + L, in chunk order.
+// (bundle, range) reads each of its tiles once. Tile (I, J) adds D_I S_IJ to block J of the task's
+// partial U (R x n) and, for I < J, D_J S_IJ^T to block I (into U directly in dot-product form for
+// narrow R, else as S_IJ D_J^T into a partial L^T (n x R)), both register-blocked while the tile is
+// in L1. Tiles are visited by column blocks, so the partial blocks being updated stay in cache.
+// Q = sum over ranges of U + L, in range order. (Unpacking bands of tile rows for BLAS was measured
+// too: it only matches the dense GEMM at wide R, where both do the same multiply-adds.)
 // The number of ranges depends on the shapes only (never on the thread count, so the summation order
 // is fixed): enough tasks to spread over cores when there are few bundles, and partials (2 R n numbers
 // per range) kept under 1/8 of the bundle's packed factor.
@@ -209,9 +212,9 @@ inline bool use_dot(int64_t R, int64_t T, at::ScalarType t) {
   const int64_t W = t == at::kFloat ? 16 : 8;
   return R < W && T % W == 0;
 }
-constexpr int64_t GROUP = 4;
-constexpr int64_t CB = 16;
-constexpr int64_t PREFETCH = 8;  // tiles of prefetch distance       // tiles per column block (512 columns at T = 32)     // tiles per L1-resident group (4 x 4 KiB at T = 32, fp32)
+constexpr int64_t GROUP = 4;      // tiles per L1-resident group (4 x 4 KiB at T = 32, fp32)
+constexpr int64_t CB = 16;        // tiles per column block (512 columns at T = 32)
+constexpr int64_t PREFETCH = 8;   // software prefetch distance, in tiles
 
 int64_t num_chunks(int64_t n, int64_t R, int64_t m, int64_t nt) {
   const int64_t want = (TARGET_TASKS + m - 1) / m, cap = std::max<int64_t>(1, n / (32 * std::max<int64_t>(R, 1)));
