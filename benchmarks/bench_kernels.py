@@ -130,6 +130,7 @@ def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
                          "vs_loop": round(times["loop"] / times["triton"], 2),
                          "packed_ms": round(times["packed"], 3),
                          "packed_GB": round(curv.memory_bytes() / 1e9, 2),
+                         "packed_bytes_ratio": round(curv.memory_bytes() / nbytes, 3),
                          "packed_vs_dense": round(times["triton"] / times["packed"], 2)})
             print(rows[-1], flush=True)
             curv = pen = A = B = refs = None   # free this set before building the next

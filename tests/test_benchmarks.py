@@ -31,7 +31,7 @@ def test_packed_benchmark_smoke(tmp_path):
          "--min-run-time", "0.01", "--out", str(tmp_path))
     res = json.loads((tmp_path / "cpu_packed.json").read_text())
     assert {r["variant"] for r in res["rows"]} == {"kfac", "wkfac"}
-    assert res["accumulate"][0]["bytes_packed_over_dense"] == pytest.approx(32 * 32 * 6 / 96**2)
+    assert res["accumulate"][0]["bytes_packed_over_dense"] == pytest.approx(32 * 32 * 6 / 96**2, abs=1e-4)
 
 
 def test_kernel_benchmark_smoke(tmp_path):
@@ -39,4 +39,4 @@ def test_kernel_benchmark_smoke(tmp_path):
     _run("bench_kernels.py", "--smoke", "--out", str(tmp_path), env={"TRITON_INTERPRET": "1"})
     res = json.loads((tmp_path / "kernels_smoke.json").read_text())
     assert res["accumulation"] and res["penalty"] and res["ceilings"]["copy_GBps"] > 0
-    assert all(r["packed_ms"] > 0 and r["packed_GB"] < r["factor_GB"] for r in res["penalty"])
+    assert all(r["packed_ms"] > 0 and r["packed_bytes_ratio"] < 0.8 for r in res["penalty"])

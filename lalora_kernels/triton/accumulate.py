@@ -19,18 +19,11 @@ from .common import INTERPRET, check_operands, dot_precision, live_rows, split_r
 
 
 @triton.jit
-def _syrk_kernel(X, M, P, N, n, rows_per_split, stride_xn, stride_xk, stride_ps, w,
-                 HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    nt = tl.cdiv(n, BLOCK)
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    ti = tile // nt
-    tj = tile % nt
-    if tj < ti:
-        return
-    ri = ti * BLOCK + tl.arange(0, BLOCK)
-    rj = tj * BLOCK + tl.arange(0, BLOCK)
+def syrk_tile(X, M, ri, rj, N, n, split, rows_per_split, stride_xn, stride_xk, w, diagonal,
+              HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """w * X[rows of this split, ri]^T X[rows, rj] in fp32, masked rows skipped; a diagonal tile
+    comes back exactly symmetric (its upper half mirrored). Shared by the dense and packed kernels."""
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, N)
@@ -46,8 +39,26 @@ def _syrk_kernel(X, M, P, N, n, rows_per_split, stride_xn, stride_xk, stride_ps,
             b = b.to(tl.float32)
         acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
     acc = acc * w
-    if ti == tj:   # keep the diagonal tile exactly symmetric: upper half mirrored
+    if diagonal:
         acc = tl.where(ri[:, None] <= rj[None, :], acc, tl.trans(acc))
+    return acc
+
+
+@triton.jit
+def _syrk_kernel(X, M, P, N, n, rows_per_split, stride_xn, stride_xk, stride_ps, w,
+                 HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    nt = tl.cdiv(n, BLOCK)
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    ti = tile // nt
+    tj = tile % nt
+    if tj < ti:
+        return
+    ri = ti * BLOCK + tl.arange(0, BLOCK)
+    rj = tj * BLOCK + tl.arange(0, BLOCK)
+    acc = syrk_tile(X, M, ri, rj, N, n, split, rows_per_split, stride_xn, stride_xk, w, ti == tj,
+                    HAS_MASK, BLOCK, BLOCK_K, PRECISION, UPCAST)
     base = P + split * stride_ps
     inside = (ri[:, None] < n) & (rj[None, :] < n)
     p_ij = base + ri[:, None] * n + rj[None, :]

@@ -22,11 +22,8 @@ PANEL = 64
 
 
 @triton.jit
-def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    w = w_start + pid
+def work_item(items, work, w):
+    """Row tile, column block and the item's [s_off, n, d_off, R] for work entry w."""
     item = tl.load(work + 3 * w)
     rt = tl.load(work + 3 * w + 1)
     pj = tl.load(work + 3 * w + 2)
@@ -34,6 +31,29 @@ def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
     n = tl.load(items + 5 * item + 1)
     d_off = tl.load(items + 5 * item + 2)
     R = tl.load(items + 5 * item + 3)
+    return rt, pj, s_off, n, d_off, R
+
+
+@triton.jit
+def gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """Store the program's block of Q (rows rr, columns rj) and its share of the Gram rows,
+    q D[:, rj]^T, into the program's slot of Gp (added up by ``_gram_reduce_kernel``)."""
+    tl.store(Q + d_off + rr[:, None] * n + rj[None, :], q, mask=(rr[:, None] < R) & (rj[None, :] < n))
+    gp = Gp + pid.to(tl.int64) * BLOCK_R * cols
+    for c0 in range(0, R, BLOCK_R):
+        rc = c0 + tl.arange(0, BLOCK_R)
+        dc = tl.load(D + d_off + rc[:, None] * n + rj[None, :],
+                     mask=(rc[:, None] < R) & (rj[None, :] < n), other=0.0)
+        g = tl.dot(q, tl.trans(dc), input_precision=PRECISION)
+        tl.store(gp + tl.arange(0, BLOCK_R)[:, None] * cols + rc[None, :], g, mask=rc[None, :] < R)
+
+
+@triton.jit
+def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rt, pj, s_off, n, d_off, R = work_item(items, work, w_start + pid)
     rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     rj = pj * BLOCK_N + tl.arange(0, BLOCK_N)
     q = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -44,14 +64,7 @@ def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
         s = tl.load(S + s_off + rk[:, None] * n + rj[None, :],
                     mask=(rk[:, None] < n) & (rj[None, :] < n), other=0.0)
         q += tl.dot(d, s, input_precision=PRECISION)
-    tl.store(Q + d_off + rr[:, None] * n + rj[None, :], q, mask=(rr[:, None] < R) & (rj[None, :] < n))
-    gp = Gp + pid.to(tl.int64) * BLOCK_R * cols
-    for c0 in range(0, R, BLOCK_R):
-        rc = c0 + tl.arange(0, BLOCK_R)
-        dc = tl.load(D + d_off + rc[:, None] * n + rj[None, :],
-                     mask=(rc[:, None] < R) & (rj[None, :] < n), other=0.0)
-        g = tl.dot(q, tl.trans(dc), input_precision=PRECISION)
-        tl.store(gp + tl.arange(0, BLOCK_R)[:, None] * cols + rc[None, :], g, mask=rc[None, :] < R)
+    gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R, PRECISION)
 
 
 @triton.jit

@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import INTERPRET, FP32_DOT, check_operands, dot_precision, live_rows, split_rows
-from .gram import _gram_reduce_kernel
+from .accumulate import syrk_tile
+from .common import INTERPRET, FP32_DOT, check_operands, dot_precision, split_rows
+from .gram import _gram_reduce_kernel, gram_share, work_item
 
 
 def _check_tile(tile: int) -> None:
@@ -42,23 +43,8 @@ def _packed_syrk_kernel(X, M, P, TI, N, n, rows_per_split, stride_xn, stride_xk,
     tj = tl.load(TI + 2 * t + 1)
     ri = ti * T + tl.arange(0, T)
     rj = tj * T + tl.arange(0, T)
-    acc = tl.zeros((T, T), dtype=tl.float32)
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, N)
-    for k0 in range(start, end, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        live = live_rows(M, rk, end, HAS_MASK)
-        a = tl.load(X + rk[:, None] * stride_xn + ri[None, :] * stride_xk,
-                    mask=live[:, None] & (ri[None, :] < n), other=0.0)
-        b = tl.load(X + rk[:, None] * stride_xn + rj[None, :] * stride_xk,
-                    mask=live[:, None] & (rj[None, :] < n), other=0.0)
-        if UPCAST:    # the interpreter has no bf16 dot; bf16 products are exact in fp32 anyway
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
-    acc = acc * w
-    if ti == tj:   # diagonal tile: upper half mirrored, exactly symmetric
-        acc = tl.where(ri[:, None] <= rj[None, :], acc, tl.trans(acc))
+    acc = syrk_tile(X, M, ri, rj, N, n, split, rows_per_split, stride_xn, stride_xk, w, ti == tj,
+                    HAS_MASK, T, BLOCK_K, PRECISION, UPCAST)
     loc = tl.arange(0, T)
     p = P + split.to(tl.int64) * stride_ps + t.to(tl.int64) * T * T + loc[:, None] * T + loc[None, :]
     tl.store(p, tl.load(p) + acc)
@@ -95,14 +81,7 @@ def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Te
 def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
                           BLOCK_R: tl.constexpr, T: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    w = w_start + pid
-    item = tl.load(work + 3 * w)
-    rt = tl.load(work + 3 * w + 1)
-    tj = tl.load(work + 3 * w + 2)
-    s_off = tl.load(items + 5 * item)
-    n = tl.load(items + 5 * item + 1)
-    d_off = tl.load(items + 5 * item + 2)
-    R = tl.load(items + 5 * item + 3)
+    rt, tj, s_off, n, d_off, R = work_item(items, work, w_start + pid)
     nt = tl.cdiv(n, T)
     rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     rj = tj * T + tl.arange(0, T)
@@ -118,14 +97,7 @@ def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
         # element [k, j] of S(ti, tj): the stored tile above the diagonal, its transpose below
         offs = tl.where(ti <= tj, loc[:, None] * T + loc[None, :], loc[None, :] * T + loc[:, None])
         q += tl.dot(d, tl.load(base + offs), input_precision=PRECISION)
-    tl.store(Q + d_off + rr[:, None] * n + rj[None, :], q, mask=(rr[:, None] < R) & (rj[None, :] < n))
-    gp = Gp + pid.to(tl.int64) * BLOCK_R * cols
-    for c0 in range(0, R, BLOCK_R):
-        rc = c0 + tl.arange(0, BLOCK_R)
-        dc = tl.load(D + d_off + rc[:, None] * n + rj[None, :],
-                     mask=(rc[:, None] < R) & (rj[None, :] < n), other=0.0)
-        g = tl.dot(q, tl.trans(dc), input_precision=PRECISION)
-        tl.store(gp + tl.arange(0, BLOCK_R)[:, None] * cols + rc[None, :], g, mask=rc[None, :] < R)
+    gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R, PRECISION)
 
 
 def packed_gram(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor, work: torch.Tensor,
