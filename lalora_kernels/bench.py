@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _cpp
 from .capture import estimate_curvature
 from .ops import HAS_TRITON
 from .penalty import LaLoRARegularizer
@@ -201,7 +202,9 @@ def run(sizes: Sequence[str] = DEFAULT_SIZES, layers: Optional[int] = None, vari
     if unknown:
         raise ValueError(f"unknown sizes {unknown}; choose from {list(SIZES)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backends = ["torch"] + (["triton"] if device == "cuda" and HAS_TRITON else [])
+    # torch: the reference with dense factors; cpp / triton: packed factors on the native kernels
+    backends = ["torch"] + (["cpp"] if device == "cpu" and _cpp.available() else []) \
+        + (["triton"] if device == "cuda" and HAS_TRITON else [])
     rows = []
     for size in tqdm(sizes, desc="lalora bench", disable=not progress):
         rows += measure(size, layers=layers, variant=variant, device=device, backends=backends,
