@@ -33,7 +33,7 @@ test: setup peers
 	  tests/test_capture.py tests/test_api.py tests/test_distributed.py
 
 bench: setup
-	$(BIN)/lalora bench --out benchmarks/results/lalora_bench
+	$(BIN)/lalora bench --repeats 5 --out benchmarks/results/lalora_bench
 	$(BIN)/python benchmarks/bench_penalty_cpu.py
 	$(BIN)/python benchmarks/bench_capture_cpu.py
 	$(BIN)/python benchmarks/bench_distributed_cpu.py
