@@ -23,10 +23,8 @@ from lalora_kernels.reference import (TILE, pack, packed_cov_update_, packed_num
 from lalora_kernels.reference.covariance import cov_update_ as dense_cov_update_
 
 ops = torch.ops.lalora
-# The C++ path must be tested wherever it is built; a build with LALORA_BUILD_CPP=0 opts out.
-CPP_OPT_OUT = os.environ.get("LALORA_BUILD_CPP") == "0"
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
-    CPP_OPT_OUT, reason="built with LALORA_BUILD_CPP=0: no C++ kernels to test"))]
+# Both CPU paths are always tested: the C++ kernels are part of the package (make setup builds them).
+BACKENDS = ["torch", "cpp"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -35,9 +33,7 @@ def backend(request, monkeypatch):
     return request.param
 
 
-def test_cpp_extension_is_built_unless_opted_out():
-    if CPP_OPT_OUT:
-        pytest.skip("built with LALORA_BUILD_CPP=0")
+def test_cpp_extension_is_built():
     assert _cpp.available(), f"lalora_kernels._C failed to load: {_cpp.load()}"
     info = lalora_kernels.backends()
     assert info["cpp"]["available"] and info["cpu"] == "cpp" and info["default_storage"]["cpu"] == "packed"
@@ -199,9 +195,8 @@ def test_default_storage_follows_backend(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert estimate_curvature(model, batches(1), progress=False).layout == "dense"
-        if not CPP_OPT_OUT:
-            monkeypatch.setenv("LALORA_BACKEND", "auto")
-            assert estimate_curvature(model, batches(1), progress=False).layout == "packed"
+        monkeypatch.setenv("LALORA_BACKEND", "auto")
+        assert estimate_curvature(model, batches(1), progress=False).layout == "packed"
 
 
 def test_wrong_layout_shapes_rejected():
@@ -216,7 +211,6 @@ def test_wrong_layout_shapes_rejected():
 
 
 # ---- C++: determinism, fallback ----------------------------------------------------------------
-@pytest.mark.skipif(CPP_OPT_OUT, reason="built with LALORA_BUILD_CPP=0")
 def test_cpp_results_are_bitwise_identical_run_to_run_and_across_threads():
     classes = [(300, 16, 3), (1000, 8, 1), (64, 40, 2)]
     _, (packed, tabs, plan, pflat) = _packed_problem(classes, 32, torch.float64)

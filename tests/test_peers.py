@@ -2,14 +2,13 @@
 expand, summed cross-entropy) on the same lora_A / lora_B parameters, divided by T."""
 import warnings
 
+import curvlinops  # installed by `make peers`, part of `make test`
 import pytest
 import torch
 
 from lalora_kernels import estimate_curvature
 from lalora_kernels.bench import FlatLogits
 from lalora_kernels.tiny import llama_lora, random_batches
-
-curvlinops = pytest.importorskip("curvlinops", reason="installed by `make peers` (part of `make test`)")
 
 
 @pytest.mark.parametrize("nonzero_b", [0.3, 0.0])

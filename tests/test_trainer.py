@@ -99,7 +99,7 @@ def test_trainer_needs_curvature_or_source(tmp_path):
 
 
 def test_trl_sft_trainer_with_lalora(tmp_path):
-    trl = pytest.importorskip("trl")
+    import trl                          # a dev dependency: always installed by `make test`
     from datasets import Dataset
     from test_cli import _tiny_hf_folder
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -87,18 +87,26 @@ def _gram_reduce_kernel(Gp, G, items, pairs, p_start, cols, BLOCK_R: tl.constexp
         tl.store(G + g_off + rr[:, None] * R + rc[None, :], acc, mask=(rr[:, None] < R) & (rc[None, :] < R))
 
 
-def grouped_gram(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor, work: torch.Tensor,
-                 pairs: torch.Tensor, plan: list[int], g_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: D (d_size,) fp32, arena (s_size,) fp32, tables from ``GramLayout.tables``."""
+def launch_buckets(panels_kernel, D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor,
+                   work: torch.Tensor, pairs: torch.Tensor, plan: list[int], g_size: int, **meta
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of ``panels_kernel`` per row-block bucket of ``plan``, each followed by the
+    deterministic reduction of its Gram shares; shared by the dense and packed launchers."""
     if arena.dtype != torch.float32 or D.dtype != torch.float32:
-        raise ValueError(f"the Triton grouped_gram takes fp32 D and arena, got {D.dtype}, {arena.dtype}")
+        raise ValueError(f"the Triton grouped product takes fp32 D and arena, got {D.dtype}, {arena.dtype}")
     Q = torch.empty_like(D)
     G = torch.empty(g_size, dtype=torch.float32, device=D.device)
     for b in range(0, len(plan), 6):
         w0, w1, p0, p1, br, cols = plan[b:b + 6]
         Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device)
-        wrap_triton(_gram_panels_kernel)[(w1 - w0,)](
-            D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br, BLOCK_N=PANEL, BLOCK_K=64,
-            PRECISION=FP32_DOT, num_warps=4, num_stages=3)
+        wrap_triton(panels_kernel)[(w1 - w0,)](D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br,
+                                              PRECISION=FP32_DOT, num_warps=4, num_stages=3, **meta)
         wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br, num_warps=4)
     return G, Q
+
+
+def grouped_gram(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor, work: torch.Tensor,
+                 pairs: torch.Tensor, plan: list[int], g_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: D (d_size,) fp32, arena (s_size,) fp32, tables from ``GramLayout.tables``."""
+    return launch_buckets(_gram_panels_kernel, D, arena, items, work, pairs, plan, g_size,
+                          BLOCK_N=PANEL, BLOCK_K=64)

@@ -20,17 +20,33 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from .accumulate import syrk_tile
-from .common import INTERPRET, FP32_DOT, check_operands, dot_precision, split_rows
-from .gram import _gram_reduce_kernel, gram_share, work_item
+from .common import INTERPRET, check_operands, dot_precision, split_rows
+from .gram import gram_share, launch_buckets, work_item
 
 
 def _check_tile(tile: int) -> None:
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"the Triton packed kernels need a power-of-two tile >= 16 (tl.dot blocks), got "
                          f"tile={tile}; use the default tile (32) or LALORA_BACKEND=torch")
+
+
+_TABLES: dict = {}
+
+
+def _tile_table(nt: int, device) -> torch.Tensor:
+    """(I, J) of every stored tile, in storage order, as int32 pairs; built once per (nt, device)
+    rather than on every update of the proxy pass."""
+    key = (nt, str(device))
+    if key in _TABLES:
+        return _TABLES[key]
+    table = torch.triu_indices(nt, nt, device=device).T.contiguous().to(torch.int32)
+    if not is_fake(table):           # while torch.compile traces, tensors are fake: never cache those
+        _TABLES[key] = table
+    return table
 
 
 @triton.jit
@@ -66,7 +82,7 @@ def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Te
     if N == 0:
         return
     m = None if mask is None else mask.reshape(-1).to(device=X.device, dtype=torch.int8)
-    ij = torch.triu_indices(nt, nt, device=X.device).T.contiguous().to(torch.int32)
+    ij = _tile_table(nt, X.device)
     k, rows = split_rows(tiles, N, splits)
     out = P if k == 1 else torch.zeros((k, P.numel()), dtype=torch.float32, device=P.device)
     wrap_triton(_packed_syrk_kernel)[(tiles, k)](
@@ -104,16 +120,5 @@ def packed_gram(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor, work:
                 pairs: torch.Tensor, plan: list[int], g_size: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: D (d_size,) fp32, arena of tile-packed factors (fp32), tables from
     ``GramLayout(..., tile=tile).tables()`` (one T-wide column block per work entry)."""
-    if arena.dtype != torch.float32 or D.dtype != torch.float32:
-        raise ValueError(f"the Triton packed_gram takes fp32 D and arena, got {D.dtype}, {arena.dtype}")
     _check_tile(tile)
-    Q = torch.empty_like(D)
-    G = torch.empty(g_size, dtype=torch.float32, device=D.device)
-    for b in range(0, len(plan), 6):
-        w0, w1, p0, p1, br, cols = plan[b:b + 6]
-        Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device)
-        wrap_triton(_packed_panels_kernel)[(w1 - w0,)](
-            D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br, T=tile, PRECISION=FP32_DOT,
-            num_warps=4, num_stages=3)
-        wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br, num_warps=4)
-    return G, Q
+    return launch_buckets(_packed_panels_kernel, D, arena, items, work, pairs, plan, g_size, T=tile)
