@@ -6,7 +6,9 @@ Side by side in one run, for n in {1024, 2048, 4096} and r in {8, 16, 64}:
   the last-level cache (as the factors of a whole model are), packed on C++ vs dense on the reference;
 * accumulation: ``lalora::packed_cov_update_`` (C++) vs ``torch.addmm_(S, X.T, X)`` on the dense
   factor, N tokens of fp32 rows;
-* bytes: packed / dense factor storage.
+* bytes: packed / dense factor storage;
+* ceilings: the machine's fp32 GEMM rate and read bandwidth, measured in the same run. Every pair
+  is timed in alternation, so that drift in the (shared) machine's speed hits both sides alike.
 Run: python benchmarks/bench_packed_cpu.py [--sizes 1024 2048 4096 --ranks 8 16 64]
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 
 import torch
 
-from common import median_seconds, table, write
+from common import cpu_ceilings, interleaved_medians, table, write
 from lalora_kernels import LaplacePenalty, LoRACurvature, backends
 from lalora_kernels.reference import TILE, packed_numel
 
@@ -59,13 +61,18 @@ def penalty_rows(n, ranks, variants, adapters, min_time, gen):
             with_backend("torch", lambda: values.setdefault("dense", dense(A, B).detach()))()
             with_backend("cpp", lambda: values.setdefault("packed", packed(A, B).detach()))()
             torch.testing.assert_close(values["packed"], values["dense"], rtol=1e-4, atol=1e-6)
-            t_dense = median_seconds(with_backend("torch", step(dense)), min_time)
-            t_cpp = median_seconds(with_backend("cpp", step(packed)), min_time)
-            t_ref = median_seconds(with_backend("torch", step(packed)), min_time) if r == ranks[0] else None
+            fns = [with_backend("torch", step(dense)), with_backend("cpp", step(packed))]
+            if r == ranks[0]:
+                fns.append(with_backend("torch", step(packed)))
+            t_dense, t_cpp, *t_ref = interleaved_medians(fns, min_time)
+            t_ref = t_ref[0] if t_ref else None
+            flops = 2 * adapters * 2 * (2 * r if variant == "wkfac" else r) * n * n   # D S on every factor
             rows.append({"n": n, "r": r, "variant": variant, "adapters": adapters,
                          "dense_torch_ms": round(t_dense * 1e3, 2), "packed_cpp_ms": round(t_cpp * 1e3, 2),
                          "packed_torch_ms": None if t_ref is None else round(t_ref * 1e3, 2),
                          "speedup": round(t_dense / t_cpp, 2),
+                         "dense_GFLOPs": round(flops / t_dense / 1e9, 1),
+                         "packed_GFLOPs": round(flops / t_cpp / 1e9, 1),
                          "factor_MiB_dense": round(dense.arena.numel() * 4 / 2**20, 2),
                          "factor_MiB_packed": round(packed.arena.numel() * 4 / 2**20, 2)})
             print(rows[-1], flush=True)
@@ -76,8 +83,9 @@ def accumulate_row(n, tokens, min_time, gen):
     X = torch.randn(tokens, n, generator=gen)
     S = torch.zeros(n, n)
     P = torch.zeros(packed_numel(n, TILE))
-    t_addmm = median_seconds(lambda: S.addmm_(X.T, X), min_time)
-    t_cpp = median_seconds(lambda: torch.ops.lalora_cpp.packed_cov_update_(P, X, None, 1.0, TILE), min_time)
+    t_addmm, t_cpp = interleaved_medians([lambda: S.addmm_(X.T, X),
+                                          lambda: torch.ops.lalora_cpp.packed_cov_update_(P, X, None, 1.0, TILE)],
+                                         min_time)
     row = {"n": n, "tokens": tokens, "addmm_dense_ms": round(t_addmm * 1e3, 2),
            "packed_cpp_ms": round(t_cpp * 1e3, 2), "speedup": round(t_addmm / t_cpp, 2),
            "bytes_packed_over_dense": round(packed_numel(n, TILE) / n ** 2, 4)}
@@ -105,9 +113,14 @@ def main():
         adapters = max(1, args.dense_mib * 2**20 // (2 * n * n * 4))
         pen += penalty_rows(n, args.ranks, args.variants, adapters, args.min_run_time, gen)
         acc.append(accumulate_row(n, args.tokens, args.min_run_time, gen))
+    ceilings = cpu_ceilings()
+    print("ceilings:", ceilings)
     path = write("cpu_packed.json", pen, out=args.out, config=vars(args), tile=TILE, accumulate=acc,
+                 ceilings=ceilings,
                  what="penalty: forward+backward median seconds, packed on C++ vs dense on the torch "
-                      "reference; accumulate: packed_cov_update_ (C++) vs addmm_ on the dense factor")
+                      "reference, timed in alternation; GFLOPs counts the products D S (2 R n^2 per "
+                      "factor), against the measured fp32 GEMM ceiling; accumulate: packed_cov_update_ "
+                      "(C++) vs addmm_ on the dense factor")
     print(table(pen, list(pen[0])))
     print(table(acc, list(acc[0])))
     print(f"wrote {path}")

@@ -380,16 +380,68 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   return {G, Q};
 }
 
+// ---- the penalty epilogue behind the grouped product ----------------------------------------------
+//   v = 1/2 <C, G> + 1/2 sum_e coef_e G[a_e] G[b_e],   W = dv/dG,   dD_k = (W_k + W_k^T) Q_k
+// C (laid out like G, or empty) holds the kfac/tri weights; the links (a_e, b_e, coef_e) pair the
+// entries of wkfac's A-side and B-side blocks. Sums run in a fixed order, in double.
+std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const at::Tensor& arena,
+                                                    at::IntArrayRef classes, int64_t tile, const at::Tensor& C_in,
+                                                    const at::Tensor& idx_a_in, const at::Tensor& idx_b_in,
+                                                    const at::Tensor& coef_in, bool grad) {
+  auto [G, Q] = packed_gram(D, arena, classes, tile);
+  const int64_t g = G.numel(), E = idx_a_in.numel();
+  TORCH_CHECK(C_in.numel() == 0 || C_in.numel() == g, "C has ", C_in.numel(), " numbers; it must be empty or hold ",
+              g, " (one per entry of G)");
+  TORCH_CHECK(idx_b_in.numel() == E && coef_in.numel() == E, "idx_a, idx_b and coef must have equal lengths, got ",
+              E, ", ", idx_b_in.numel(), " and ", coef_in.numel());
+  const at::Tensor C = C_in.to(G.scalar_type()).contiguous(), coef = coef_in.to(G.scalar_type()).contiguous();
+  const at::Tensor ia = idx_a_in.to(at::kLong).contiguous(), ib = idx_b_in.to(at::kLong).contiguous();
+  at::Tensor value = at::empty({}, G.options());
+  at::Tensor W = at::zeros_like(G);
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "packed_gram_quad", [&] {
+    const scalar_t* gp = G.data_ptr<scalar_t>();
+    scalar_t* w = W.data_ptr<scalar_t>();
+    double v = 0;
+    if (C.numel()) {
+      const scalar_t* c = C.data_ptr<scalar_t>();
+      for (int64_t j = 0; j < g; ++j) { v += double(c[j]) * gp[j]; w[j] = scalar_t(0.5) * c[j]; }
+    }
+    const int64_t* a = ia.data_ptr<int64_t>();
+    const int64_t* b = ib.data_ptr<int64_t>();
+    const scalar_t* k = coef.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      TORCH_CHECK(a[e] >= 0 && a[e] < g && b[e] >= 0 && b[e] < g, "link ", e, " points outside G (", g, " entries)");
+      v += double(k[e]) * gp[a[e]] * gp[b[e]];
+      w[a[e]] += scalar_t(0.5) * k[e] * gp[b[e]];
+      w[b[e]] += scalar_t(0.5) * k[e] * gp[a[e]];
+    }
+    value.fill_(0.5 * v);
+  });
+  if (!grad) return {value, at::empty({0}, G.options())};
+  at::Tensor dD = at::empty_like(Q);
+  for (size_t c = 0; c < classes.size(); c += 6) {
+    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
+    at::Tensor Wc = W.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
+    at::Tensor out = dD.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
+    at::bmm_out(out, Wc + Wc.transpose(1, 2),
+                Q.narrow(0, classes[c + 3], m * R * n).view({m, R, n}));
+  }
+  return {value, dD};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lalora_cpp, m) {
   m.def("packed_cov_update_(Tensor(a!) P, Tensor X, Tensor? mask, float weight, int tile) -> ()");
   m.def("packed_gram(Tensor D, Tensor arena, int[] classes, int tile) -> (Tensor, Tensor)");
+  m.def("packed_gram_quad(Tensor D, Tensor arena, int[] classes, int tile, Tensor C, Tensor idx_a, Tensor idx_b, "
+        "Tensor coef, bool grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lalora_cpp, CPU, m) {
   m.impl("packed_cov_update_", &packed_cov_update_);
   m.impl("packed_gram", &packed_gram);
+  m.impl("packed_gram_quad", &packed_gram_quad);
 }
 
 // A Python module with no functions: importing lalora_kernels._C loads this library, whose static

@@ -38,6 +38,10 @@ def _register_fakes() -> None:
         g = sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
         return D.new_empty((g,), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
 
+    @torch.library.register_fake("lalora_cpp::packed_gram_quad")
+    def _(D, arena, classes, tile, C, idx_a, idx_b, coef, grad):
+        return D.new_empty((), dtype=arena.dtype), D.new_empty(D.shape if grad else (0,), dtype=arena.dtype)
+
 
 def available() -> bool:
     return load() is None

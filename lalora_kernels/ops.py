@@ -7,6 +7,7 @@
 | ``diag_quad`` | ``v = 1/2 sum F * D^2`` and ``FD = F * D`` (differentiable in D: ``dD = dv FD``) | F, D same shape; F fp32/fp64; D any float |
 | ``packed_cov_update_`` | ``cov_update_`` on a tile-packed S (``reference.packed``), n = X.shape[-1] | P (packed_numel(n, tile),) fp32/fp64 |
 | ``grouped_gram`` | per item k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum R_k n_k,) any float; arena flat fp32/fp64, factors dense (tile = 0) or tile-packed; tables from ``grouping.GramLayout`` |
+| ``grouped_gram_quad`` | ``v = 1/2 <C, G> + 1/2 sum_e coef_e G[idx_a_e] G[idx_b_e]`` on ``grouped_gram``'s G, and ``dD = dv/dD`` (returned, and used by the backward) | as ``grouped_gram``; C like G or empty; idx_a, idx_b (E,) int64; coef (E,); grad: bool (False: dD empty) |
 
 Backends: the pure-PyTorch reference (any device, the oracle), the C++ CPU kernels of ``csrc/``
 (``_C``: the packed ops) and Triton (``lalora_kernels.triton``). With ``LALORA_BACKEND`` unset
@@ -17,6 +18,8 @@ on Triton. When Triton is importable the ops are ``torch.library.triton_op``s, s
 traces through them into the kernels. ``backends()`` reports what is active.
 ``grouped_gram``'s backward is ``dD = (dG + dG^T) Q`` per item: it reuses the Q of the forward and never reads
 S again, so one penalty step reads every factor exactly once.
+``grouped_gram_quad`` is the penalty in one op: the same products with the epilogue (value and the
+gradient ``dD = (W + W^T) Q``, ``W = dv/dG``) fused behind them, in C++ for packed factors on the CPU.
 """
 from __future__ import annotations
 
@@ -138,7 +141,22 @@ def _g_size(classes: list[int]) -> int:
 @_define("lalora::grouped_gram", mutates_args=())
 def grouped_gram(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
                  classes: list[int], tile: int) -> tuple[Tensor, Tensor]:
+    return _gram(_kernel_for(D, arena, cpp=tile > 0), D, arena, items, work, pairs, plan, classes, tile)
+
+
+@_define("lalora::grouped_gram_quad", mutates_args=())
+def grouped_gram_quad(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
+                      classes: list[int], tile: int, C: Tensor, idx_a: Tensor, idx_b: Tensor, coef: Tensor,
+                      grad: bool) -> tuple[Tensor, Tensor]:
     kernel = _kernel_for(D, arena, cpp=tile > 0)
+    if kernel == "cpp":
+        return torch.ops.lalora_cpp.packed_gram_quad(D, arena, classes, tile, C, idx_a, idx_b, coef, grad)
+    G, Q = _gram(kernel, D, arena, items, work, pairs, plan, classes, tile)
+    return reference.gram_quad(G, Q, classes, C, idx_a, idx_b, coef, grad)
+
+
+def _gram(kernel: str, D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
+          classes: list[int], tile: int) -> tuple[Tensor, Tensor]:
     if kernel == "triton":
         if tile:
             from .triton.packed import packed_gram
@@ -190,6 +208,10 @@ if not HAS_TRITON:
     def _(D, arena, items, work, pairs, plan, classes, tile):
         return D.new_empty((_g_size(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
 
+    @grouped_gram_quad.register_fake
+    def _(D, arena, items, work, pairs, plan, classes, tile, C, idx_a, idx_b, coef, grad):
+        return D.new_empty((), dtype=arena.dtype), D.new_empty(D.shape if grad else (0,), dtype=arena.dtype)
+
 
 def _grouped_gram_setup(ctx, inputs, output):
     D, classes = inputs[0], inputs[6]
@@ -211,6 +233,25 @@ def _grouped_gram_backward(ctx, dG, dQ):
 
 
 grouped_gram.register_autograd(_grouped_gram_backward, setup_context=_grouped_gram_setup)
+
+
+def _gram_quad_setup(ctx, inputs, output):
+    ctx.d_dtype, ctx.grad = inputs[0].dtype, inputs[12]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _gram_quad_backward(ctx, dv, ddD):
+    if dv is None:
+        return (None,) * 13
+    if not ctx.grad:
+        raise RuntimeError("grouped_gram_quad was called with grad=False; pass grad=True to differentiate it")
+    (dD,) = ctx.saved_tensors
+    return ((dv * dD).to(ctx.d_dtype),) + (None,) * 12
+
+
+grouped_gram_quad.register_autograd(_gram_quad_backward, setup_context=_gram_quad_setup)
 
 
 def _diag_quad_setup(ctx, inputs, output):

@@ -4,10 +4,10 @@ the functional drop-in ``fused_laplace_penalty``.
     R = sum over adapters of  lam/c * R_F(dA, dB)  +  delta/2 ||dtheta||^2      (SPEC section 4)
 
 with ``c`` the ``mean_diag`` normalisation constant (1 when ``normalize=None``). Every read of a
-big factor happens in one ``lalora::grouped_gram`` call over all bundles of the model (factors in
-one flat arena, see ``grouping``); the rest is O((o + i) r^2) per adapter, batched per class.
-Gradients come from autograd through ``grouped_gram``'s closed-form backward, which never reads a
-factor again.
+big factor happens in one ``lalora::grouped_gram_quad`` call over all bundles of the model (factors
+in one flat arena, see ``grouping``), which also applies the epilogue (value and the gradient of the
+bundle deltas; C++ for packed factors on the CPU); only tri's cross blocks, O((o + i) r^2) per adapter,
+run outside it. The gradient never reads a factor again.
 """
 from __future__ import annotations
 
@@ -23,12 +23,6 @@ from .reference import class_views
 from .lora_layers import find_lora_layers
 
 NORMALIZE = (None, "mean_diag")
-
-
-def _blocks(G: Tensor, per: int, q: int) -> Tensor:
-    """Diagonal (q x q) blocks of bundle Grams G: (b, per*q, per*q) -> (b*per, q, q)."""
-    b = G.shape[0]
-    return G.view(b, per, q, per, q).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b * per, q, q)
 
 
 class LaplacePenalty(nn.Module):
@@ -105,28 +99,53 @@ class LaplacePenalty(nn.Module):
         self.classes = layout.flat_classes()
         for j, c in enumerate(self.a_classes):
             self._stack(f"a{j}_A0", [get("A0", n) for n in c.names])
-            if not wk:
-                self._stack(f"a{j}_C", [self._coef[n] * get("Cbb", n) for n in c.names])
             if tri:
                 self._stack(f"a{j}_K", [self._k(get("Ka", n), (c.rank, c.dim)) for n in c.names])
         for j, c in enumerate(self.b_classes):
             self._stack(f"b{j}_B0", [get("B0", n) for n in c.names])
-            if not wk:
-                self._stack(f"b{j}_C", [self._coef[n] * get("Caa", n) for n in c.names])
             if tri:
                 self._stack(f"b{j}_K", [self._k(get("Kb", n), (c.dim, c.rank)) for n in c.names])
-        # pairing of A-side and B-side per-adapter blocks, per rank
+        self._epilogue(curv, q)
+        # tri's cross blocks: pairing of A-side and B-side per-adapter r x r products, per rank
         self.rank_pairs = []
         a_order, b_order = side_order(self.a_classes), side_order(self.b_classes)
-        for r in sorted(set(a_order) & set(b_order)):
+        for r in sorted(set(a_order) & set(b_order)) if tri else ():
             both = [n for n in a_order[r] if n in set(b_order[r])]
-            if not both or not (tri or wk):
+            if not both:
                 continue
             ia = torch.tensor([a_order[r].index(n) for n in both])
             ib = torch.tensor([b_order[r].index(n) for n in both])
             coef = torch.tensor([self._coef[n] for n in both], dtype=self._dtype)
             self.rank_pairs.append((r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib),
                                self._buf(f"pair{r}_coef", coef)))
+
+    def _epilogue(self, curv: LoRACurvature, q: int) -> None:
+        """Weights of ``lalora::grouped_gram_quad`` on the bundle Grams G: for kfac/tri, C holds
+        ``coef * Cbb`` (A side) and ``coef * Caa`` (B side) on each adapter's diagonal block; for
+        wkfac, links pair each entry of an adapter's A-side block ``V Sx V^T`` with the same entry of
+        its B-side block ``U^T Sg U``, so that R = 1/2 coef <V Sx V^T, U^T Sg U>."""
+        blocks: dict[tuple[str, str], Tensor] = {}     # (side, name) -> flat G indices of its block
+        for side, cs, first in (("A", self.a_classes, 0), ("B", self.b_classes, len(self.a_classes))):
+            for j, c in enumerate(cs):
+                R, g_off, qr = self.classes[6 * (first + j) + 1], self.classes[6 * (first + j) + 5], q * c.rank
+                square = torch.arange(qr)[:, None] * R + torch.arange(qr)
+                for k, n in enumerate(c.names):
+                    b, p = divmod(k, c.per)
+                    blocks[side, n] = (g_off + b * R * R + p * qr * (R + 1) + square).reshape(-1)
+        g_size = max(self.classes[c + 5] + self.classes[c + 2] * self.classes[c + 1] ** 2
+                     for c in range(0, len(self.classes), 6))
+        C = torch.zeros(g_size if q == 1 else 0, dtype=self._dtype)
+        links, coefs = [], []
+        for (side, n), idx in blocks.items():
+            if q == 1:
+                C[idx] = self._coef[n] * curv.get("Cbb" if side == "A" else "Caa", n).to(self._dtype).reshape(-1)
+            elif side == "A":
+                links.append((idx, blocks["B", n]))
+                coefs.append(torch.full((idx.numel(),), self._coef[n], dtype=self._dtype))
+        self._buf("quad_C", C)
+        self._buf("link_a", torch.cat([a for a, _ in links]) if links else torch.zeros(0, dtype=torch.int64))
+        self._buf("link_b", torch.cat([b for _, b in links]) if links else torch.zeros(0, dtype=torch.int64))
+        self._buf("link_coef", torch.cat(coefs) if coefs else torch.zeros(0, dtype=self._dtype))
 
     def _adopt(self, curv: LoRACurvature, layout: GramLayout, keys: list[str]) -> None:
         """Copy the big factors into one flat arena, in layout order, and point the curvature at
@@ -184,36 +203,25 @@ class LaplacePenalty(nn.Module):
             d = torch.stack([B[self._pos[n]] for n in c.names]).to(self._dtype) - B0   # (m, o, r)
             dB.append(d)
             Ds.append((torch.cat([d, B0], dim=2) if wk else d).transpose(1, 2))
-        G_flat, _ = torch.ops.lalora.grouped_gram(torch.cat([D.reshape(-1) for D in Ds]), self.arena,
-                                                   self.items, self.work, self.pairs, self.plan,
-                                                   self.classes, self.tile)
-        Gs = list(class_views(G_flat, self.classes, "G"))
-        ga: dict[int, list[Tensor]] = {}
-        gb: dict[int, list[Tensor]] = {}
-        value = self.anchor_A.new_zeros(())
+        D = torch.cat([D.reshape(-1) for D in Ds])
+        value, _ = torch.ops.lalora.grouped_gram_quad(D, self.arena, self.items, self.work, self.pairs, self.plan,
+                                                      self.classes, self.tile, self.quad_C, self.link_a, self.link_b,
+                                                      self.link_coef, torch.is_grad_enabled() and D.requires_grad)
+        return value + self._cross(dA, dB) if tri else value
+
+    def _cross(self, dA: list[Tensor], dB: list[Tensor]) -> Tensor:
+        """tri's cross blocks: s^2 tr(Z_a Z_b) per adapter, Z_a = dA Ka^T, Z_b = dB^T Kb (r x r)."""
+        za: dict[int, list[Tensor]] = {}
+        zb: dict[int, list[Tensor]] = {}
         for j, c in enumerate(self.a_classes):
-            blocks = _blocks(Gs[j], c.per, Ds[j].shape[1])
-            if wk:
-                ga.setdefault(c.rank, []).append(blocks)
-            else:
-                value = value + 0.5 * (getattr(self, f"a{j}_C") * blocks).sum()
-            if tri:
-                ga.setdefault(c.rank, []).append(dA[j] @ getattr(self, f"a{j}_K").transpose(1, 2))
+            za.setdefault(c.rank, []).append(dA[j] @ getattr(self, f"a{j}_K").transpose(1, 2))
         for j, c in enumerate(self.b_classes):
-            G = Gs[len(self.a_classes) + j]
-            if wk:
-                gb.setdefault(c.rank, []).append(G)
-            else:
-                value = value + 0.5 * (getattr(self, f"b{j}_C") * G).sum()
-            if tri:
-                gb.setdefault(c.rank, []).append(dB[j].transpose(1, 2) @ getattr(self, f"b{j}_K"))
+            zb.setdefault(c.rank, []).append(dB[j].transpose(1, 2) @ getattr(self, f"b{j}_K"))
+        value = self.anchor_A.new_zeros(())
         for r, ia, ib, coef in self.rank_pairs:
-            Xa = torch.cat(ga[r]).index_select(0, getattr(self, ia))
-            Xb = torch.cat(gb[r]).index_select(0, getattr(self, ib))
-            if wk:        # R = 1/2 s^2 <U^T Sg U, V Sx V^T>, U = [dB, B*], V = [A; dA]
-                value = value + 0.5 * (getattr(self, coef) * (Xa * Xb).sum((1, 2))).sum()
-            else:         # cross = s^2 tr(Z_a Z_b), Z_a = dA Ka^T, Z_b = dB^T Kb
-                value = value + (getattr(self, coef) * (Xa * Xb.transpose(1, 2)).sum((1, 2))).sum()
+            Xa = torch.cat(za[r]).index_select(0, getattr(self, ia))
+            Xb = torch.cat(zb[r]).index_select(0, getattr(self, ib))
+            value = value + (getattr(self, coef) * (Xa * Xb.transpose(1, 2)).sum((1, 2))).sum()
         return value
 
 
