@@ -56,13 +56,16 @@ class LaplacePenalty(nn.Module):
         self.infos: list[AdapterInfo] = list(curvature.adapters.values())
         self._pos = {n: k for k, n in enumerate(self.names)}
         self._dtype = curvature.factor_dtype
+        self._device = curvature.get("A0", self.names[0]).device    # where every buffer lives
         s2 = {n: (1.0 if self.variant == "diag" else a.scaling ** 2) for n, a in curvature.adapters.items()}
         self._coef = {n: self.lam * s2[n] / c for n in self.names}
         self._build(curvature)
 
     # ---- construction -------------------------------------------------------------------------
     def _buf(self, name: str, t: Tensor) -> str:
-        self.register_buffer(name, t.contiguous(), persistent=False)
+        """A buffer on the curvature's device (index tables and epilogue weights are built on the
+        CPU; the kernels read them on the factors' device)."""
+        self.register_buffer(name, t.to(self._device).contiguous(), persistent=False)
         return name
 
     def _stack(self, name: str, ts: Sequence[Tensor]) -> str:
