@@ -17,11 +17,6 @@ from lalora_kernels.lora_layers import find_lora_layers
 from lalora_kernels.tiny import llama_lora, random_batches
 
 
-def ref_sx(curv, name):
-    info = curv.adapters[name]
-    return info.sx_key if info.has_sx else None
-
-
 def loop_penalty(curv, refs, lam_c):
     """The per-adapter loop: SPEC section 4 formulas as plain torch ops, gradients by autograd."""
     total = 0.0
@@ -30,7 +25,7 @@ def loop_penalty(curv, refs, lam_c):
         dA, dB = ref.A - curv.get("A0", n), ref.B - curv.get("B0", n)
         v, c = curv.variant, lam_c * s2
         if v in ("kfac", "tri"):
-            Sx, Sg = curv.dense(f"Sx/{ref_sx(curv, n)}"), curv.dense(f"Sg/{n}")
+            Sx, Sg = curv.sx(n), curv.dense(f"Sg/{n}")
             total = total + 0.5 * c * ((Sg @ dB) * (dB @ curv.get("Caa", n))).sum()
             if Sx is not None:
                 total = total + 0.5 * c * ((curv.get("Cbb", n) @ dA) * (dA @ Sx)).sum()
@@ -39,7 +34,7 @@ def loop_penalty(curv, refs, lam_c):
                 total = total + c * (dA * (Kb.T @ dB @ Ka)).sum()
         elif v == "wkfac":
             dW = dB @ ref.A + curv.get("B0", n) @ dA
-            Sx, Sg = curv.dense(f"Sx/{ref_sx(curv, n)}"), curv.dense(f"Sg/{n}")
+            Sx, Sg = curv.sx(n), curv.dense(f"Sg/{n}")
             total = total + 0.5 * c * (dW * (Sg @ dW @ Sx)).sum()
         else:
             total = total + 0.5 * lam_c * ((curv.get("FA", n) * dA.square()).sum()

@@ -23,6 +23,12 @@ def median_seconds(fn, min_run_time: float = 1.0) -> float:
         min_run_time=min_run_time).median
 
 
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def interleaved_medians(fns, min_run_time: float = 1.0, min_rounds: int = 5, max_rounds: int = 500) -> list[float]:
     """Median wall time of each of ``fns``, timed in alternation (A B A B ...) after one warm-up call
     each, so that a drift in the machine's speed (shared cores) hits all of them alike."""
@@ -31,9 +37,7 @@ def interleaved_medians(fns, min_run_time: float = 1.0, min_rounds: int = 5, max
     times: list[list[float]] = [[] for _ in fns]
     while len(times[0]) < max_rounds and (len(times[0]) < min_rounds or min(map(sum, times)) < min_run_time):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+            ts.append(_seconds(fn))
     return [statistics.median(ts) for ts in times]
 
 
@@ -42,8 +46,7 @@ def cpu_ceilings(size: int = 4096, copy_mib: int = 512) -> dict:
     over ``copy_mib`` MiB), best of 5."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     x = torch.randn(copy_mib * 2**20 // 4)
-    t_mm = min(interleaved_medians([lambda: a @ b], 0, 1, 1)[0] for _ in range(5))
-    t_rd = min(interleaved_medians([lambda: x.sum()], 0, 1, 1)[0] for _ in range(5))
+    t_mm, t_rd = (min(_seconds(fn) for _ in range(5)) for fn in (lambda: a @ b, lambda: x.sum()))
     return {"sgemm_GFLOPs": round(2 * size**3 / t_mm / 1e9, 1), "read_GBs": round(x.numel() * 4 / t_rd / 1e9, 1)}
 
 

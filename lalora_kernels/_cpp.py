@@ -29,14 +29,15 @@ def _register_fakes() -> None:
     """Shapes of the C++ ops' outputs, so that torch.compile can trace through them."""
     import torch
 
+    from .reference.gram import gram_numel
+
     @torch.library.register_fake("lalora_cpp::packed_cov_update_")
     def _(P, X, mask, weight, tile):
         return None
 
     @torch.library.register_fake("lalora_cpp::packed_gram")
     def _(D, arena, classes, tile):
-        g = sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
-        return D.new_empty((g,), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
+        return D.new_empty((gram_numel(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
 
     @torch.library.register_fake("lalora_cpp::packed_gram_quad")
     def _(D, arena, classes, tile, C, idx_a, idx_b, coef, grad):

@@ -143,8 +143,9 @@ class LoRACurvature:
         return self.tensors.get(f"{kind}/{name}")
 
     def sx(self, name: str) -> Optional[torch.Tensor]:
+        """The (i, i) input factor adapter ``name`` reads (unpacked if tile-packed), or None."""
         info = self.adapters[name]
-        return self.get("Sx", info.sx_key) if info.has_sx else None
+        return self.dense(f"Sx/{info.sx_key}") if info.has_sx else None
 
     def dim(self, key: str) -> int:
         """n of the n x n factor ``Sx/<leader>`` or ``Sg/<module>``."""
@@ -244,8 +245,7 @@ class LoRACurvature:
         info = self.adapters[module_name]
         s2 = info.scaling ** 2
         A0, B0 = self.get("A0", module_name), self.get("B0", module_name)
-        Sx = self.dense(f"Sx/{info.sx_key}") if info.has_sx else None
-        Sg = self.dense(f"Sg/{module_name}")
+        Sx, Sg = self.sx(module_name), self.dense(f"Sg/{module_name}")
         fin = finalize(A0, B0, Sx, Sg)
         Caa = self.get("Caa", module_name)
         Cbb = self.get("Cbb", module_name)

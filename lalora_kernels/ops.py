@@ -134,10 +134,6 @@ def packed_cov_update_(P: Tensor, X: Tensor, mask: Optional[Tensor], weight: flo
         reference.packed_cov_update_(P, X, mask, weight, tile)
 
 
-def _g_size(classes: list[int]) -> int:
-    return sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
-
-
 @_define("lalora::grouped_gram", mutates_args=())
 def grouped_gram(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
                  classes: list[int], tile: int) -> tuple[Tensor, Tensor]:
@@ -160,9 +156,9 @@ def _gram(kernel: str, D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pa
     if kernel == "triton":
         if tile:
             from .triton.packed import packed_gram
-            return packed_gram(D.to(arena.dtype), arena, items, work, pairs, plan, _g_size(classes), tile)
+            return packed_gram(D.to(arena.dtype), arena, items, work, pairs, plan, reference.gram_numel(classes), tile)
         from .triton.gram import grouped_gram as triton_kernel
-        return triton_kernel(D.to(arena.dtype), arena, items, work, pairs, plan, _g_size(classes))
+        return triton_kernel(D.to(arena.dtype), arena, items, work, pairs, plan, reference.gram_numel(classes))
     if kernel == "cpp":
         return torch.ops.lalora_cpp.packed_gram(D, arena, classes, tile)
     return reference.grouped_gram(D, arena, classes, tile)
@@ -206,7 +202,7 @@ if not HAS_TRITON:
 
     @grouped_gram.register_fake
     def _(D, arena, items, work, pairs, plan, classes, tile):
-        return D.new_empty((_g_size(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
+        return D.new_empty((reference.gram_numel(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
 
     @grouped_gram_quad.register_fake
     def _(D, arena, items, work, pairs, plan, classes, tile, C, idx_a, idx_b, coef, grad):
@@ -226,9 +222,7 @@ def _grouped_gram_backward(ctx, dG, dQ):
     (Q,) = ctx.saved_tensors
     if dG is None:
         return (None,) * 8
-    dG = dG.to(Q.dtype)
-    dD = torch.cat([torch.bmm(g + g.transpose(1, 2), q).reshape(-1) for g, q in
-                    zip(reference.class_views(dG, ctx.classes, "G"), reference.class_views(Q, ctx.classes, "D"))])
+    dD = reference.sym_grad(dG.to(Q.dtype), Q, ctx.classes)
     return (dD.to(ctx.d_dtype),) + (None,) * 7
 
 

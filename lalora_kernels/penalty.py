@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from .curvature import AdapterInfo, LoRACurvature
 from .grouping import GramLayout, plan_sides, side_order
-from .reference import class_views
 from .lora_layers import find_lora_layers
 
 NORMALIZE = (None, "mean_diag")
@@ -108,7 +107,7 @@ class LaplacePenalty(nn.Module):
             self._stack(f"b{j}_B0", [get("B0", n) for n in c.names])
             if tri:
                 self._stack(f"b{j}_K", [self._k(get("Kb", n), (c.dim, c.rank)) for n in c.names])
-        self._epilogue(curv, q)
+        self._epilogue(curv, layout, q)
         # tri's cross blocks: pairing of A-side and B-side per-adapter r x r products, per rank
         self.rank_pairs = []
         a_order, b_order = side_order(self.a_classes), side_order(self.b_classes)
@@ -122,7 +121,7 @@ class LaplacePenalty(nn.Module):
             self.rank_pairs.append((r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib),
                                self._buf(f"pair{r}_coef", coef)))
 
-    def _epilogue(self, curv: LoRACurvature, q: int) -> None:
+    def _epilogue(self, curv: LoRACurvature, layout: GramLayout, q: int) -> None:
         """Weights of ``lalora::grouped_gram_quad`` on the bundle Grams G: for kfac/tri, C holds
         ``coef * Cbb`` (A side) and ``coef * Caa`` (B side) on each adapter's diagonal block; for
         wkfac, links pair each entry of an adapter's A-side block ``V Sx V^T`` with the same entry of
@@ -130,14 +129,12 @@ class LaplacePenalty(nn.Module):
         blocks: dict[tuple[str, str], Tensor] = {}     # (side, name) -> flat G indices of its block
         for side, cs, first in (("A", self.a_classes, 0), ("B", self.b_classes, len(self.a_classes))):
             for j, c in enumerate(cs):
-                R, g_off, qr = self.classes[6 * (first + j) + 1], self.classes[6 * (first + j) + 5], q * c.rank
+                R, g_off, qr = layout.classes[first + j][1], layout.g_off[first + j], q * c.rank
                 square = torch.arange(qr)[:, None] * R + torch.arange(qr)
                 for k, n in enumerate(c.names):
                     b, p = divmod(k, c.per)
                     blocks[side, n] = (g_off + b * R * R + p * qr * (R + 1) + square).reshape(-1)
-        g_size = max(self.classes[c + 5] + self.classes[c + 2] * self.classes[c + 1] ** 2
-                     for c in range(0, len(self.classes), 6))
-        C = torch.zeros(g_size if q == 1 else 0, dtype=self._dtype)
+        C = torch.zeros(layout.g_size if q == 1 else 0, dtype=self._dtype)
         links, coefs = [], []
         for (side, n), idx in blocks.items():
             if q == 1:

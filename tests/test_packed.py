@@ -13,7 +13,7 @@ from conftest import TOL
 from dense import spd
 from models import batches, tiny_llama
 from test_ops import gram_problem
-from test_penalty import LAYOUT, SX_DIMS, _problem
+from test_penalty import LAYOUT, _problem
 
 import lalora_kernels
 from lalora_kernels import LaplacePenalty, LoRACurvature, estimate_curvature

@@ -134,7 +134,7 @@ def test_regularizer_on_peft_model_matches_closed_form(variant):
         kw["Sg"] = curv.dense(f"Sg/{n}")
         v, gA, gB = penalty_closed_form(variant, r.A.detach(), r.B.detach(), curv.get("A0", n),
                                         curv.get("B0", n), scaling=a.scaling, lam=2.0 / curv.norm_constant,
-                                        delta=0.3, Sx=curv.dense(f"Sx/{a.sx_key}") if a.has_sx else None, **kw)
+                                        delta=0.3, Sx=curv.sx(n), **kw)
         total = total + v
         torch.testing.assert_close(r.A.grad, gA)
         torch.testing.assert_close(r.B.grad, gB)

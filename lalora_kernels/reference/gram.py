@@ -32,6 +32,18 @@ def class_views(flat: torch.Tensor, classes: Sequence[int], kind: str, tile: int
         yield flat[off:off + m * rows * cols].view(m, rows, cols)
 
 
+def gram_numel(classes: Sequence[int]) -> int:
+    """Numbers in the flat G of a ``GramLayout``'s classes (sum of m R^2)."""
+    return sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
+
+
+def sym_grad(W: torch.Tensor, Q: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """dD_k = (W_k + W_k^T) Q_k for every item: the gradient in D of any f(G) with W = df/dG,
+    from the forward's Q = D S (S is not read again). Flat W like G, flat Q like D."""
+    return torch.cat([torch.bmm(w + w.transpose(1, 2), q).reshape(-1)
+                      for w, q in zip(class_views(W, classes, "G"), class_views(Q, classes, "D"))])
+
+
 def grouped_gram(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int], tile: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat form of ``sym_gram`` over every class of a ``GramLayout`` (factors dense, or tile-packed
@@ -62,8 +74,4 @@ def gram_quad(G: torch.Tensor, Q: torch.Tensor, classes: Sequence[int], C: torch
         ga, gb = G[idx_a], G[idx_b]
         value = value + 0.5 * torch.dot(coef * ga, gb)
         W = W.index_add(0, idx_a, 0.5 * coef * gb).index_add(0, idx_b, 0.5 * coef * ga)
-    if not grad:
-        return value, Q.new_empty(0)
-    dD = [torch.bmm(w + w.transpose(1, 2), q).reshape(-1)
-          for w, q in zip(class_views(W, classes, "G"), class_views(Q, classes, "D"))]
-    return value, torch.cat(dD)
+    return value, sym_grad(W, Q, classes) if grad else Q.new_empty(0)
