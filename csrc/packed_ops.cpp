@@ -15,6 +15,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
@@ -52,11 +56,39 @@ inline void micro(int64_t K, const scalar_t* __restrict A, int64_t lda, const sc
     for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + i * ldc + v * W) = acc[i][v];
 }
 
+#if defined(__AVX512F__)
+// The fp32 MR x 32 block with AVX-512 intrinsics. (GCC's code for the vector-extension form above
+// copies accumulators between registers and through the stack around the k loop; with intrinsics
+// the 2 MR accumulators stay in place and every step is 2 loads, MR broadcasts and 2 MR FMAs.)
+template <int MR>
+inline void micro_f32(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B,
+                      int64_t ldb, float* __restrict C, int64_t ldc) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) { c0[i] = _mm512_loadu_ps(C + i * ldc); c1[i] = _mm512_loadu_ps(C + i * ldc + 16); }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(B + k * ldb), b1 = _mm512_loadu_ps(B + k * ldb + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) { _mm512_storeu_ps(C + i * ldc, c0[i]); _mm512_storeu_ps(C + i * ldc + 16, c1[i]); }
+}
+#endif
+
 template <typename scalar_t, int MR>
 inline void gemm_rows(int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
                       scalar_t* C, int64_t ldc) {
   constexpr int W = 64 / sizeof(scalar_t), H = 32 / sizeof(scalar_t);
   int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>)
+    for (; j + 32 <= N; j += 32) micro_f32<MR>(K, A, lda, B + j, ldb, C + j, ldc);
+#endif
   for (; j + 2 * W <= N; j += 2 * W) micro<scalar_t, 64, MR, 2>(K, A, lda, B + j, ldb, C + j, ldc);
   for (; j + W <= N; j += W) micro<scalar_t, 64, MR, 1>(K, A, lda, B + j, ldb, C + j, ldc);
   for (; j + H <= N; j += H) micro<scalar_t, 32, MR, 1>(K, A, lda, B + j, ldb, C + j, ldc);
@@ -68,66 +100,73 @@ inline void gemm_rows(int64_t N, int64_t K, const scalar_t* A, int64_t lda, cons
     }
 }
 
-template <int MR, typename scalar_t>
+// C += A . B in row blocks of 8, then 4, then single rows.
+template <typename scalar_t>
 inline void gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
                  int64_t ldb, scalar_t* C, int64_t ldc) {
   int64_t i = 0;
-  for (; i + MR <= M; i += MR) gemm_rows<scalar_t, MR>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  for (; i + 8 <= M; i += 8) gemm_rows<scalar_t, 8>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  for (; i + 4 <= M; i += 4) gemm_rows<scalar_t, 4>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
   for (; i < M; ++i) gemm_rows<scalar_t, 1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
 }
 
-// The transposed half of a tile row's product in dot-product form, for narrow R:
-//   L (R x T) += sum over tiles j of D_j (R x T) . S_j^T      (S_j contiguous T x T, D_j = D + j*T)
-// Vector lanes run along the tiles' contiguous rows; lane partials live in ``lanes`` (R x T vectors)
-// for the whole tile row and are added across lanes once per row (``finish_lanes``), not per tile.
-template <typename scalar_t, int RB, int AB>
-inline void dot_block(int64_t nj, int64_t T, const scalar_t* __restrict D, int64_t ldd,
-                      const scalar_t* __restrict S, scalar_t* __restrict lanes) {
-  using V = typename Vec<scalar_t, 64>::type;
-  constexpr int W = 64 / sizeof(scalar_t);
-  V acc[RB][AB];
-  for (int r = 0; r < RB; ++r)
-    for (int a = 0; a < AB; ++a) acc[r][a] = *reinterpret_cast<const V*>(lanes + (r * T + a) * W);
-  for (int64_t j = 0; j < nj; ++j) {
-    const scalar_t* dj = D + j * T;
-    const scalar_t* sj = S + j * T * T;
-    for (int64_t k = 0; k < T; k += W) {
-      V d[RB], t[AB];
-      for (int r = 0; r < RB; ++r) d[r] = *reinterpret_cast<const V*>(dj + r * ldd + k);
-      for (int a = 0; a < AB; ++a) t[a] = *reinterpret_cast<const V*>(sj + a * T + k);
-      for (int r = 0; r < RB; ++r)
-        for (int a = 0; a < AB; ++a) acc[r][a] += d[r] * t[a];
-    }
+// dst = src^T for one contiguous T x T tile (both row stride T).
+template <typename scalar_t>
+inline void transpose_tile(const scalar_t* __restrict src, scalar_t* __restrict dst, int64_t T) {
+  constexpr int64_t B = 8;                 // 8 x 8 blocks: both sides stay within a few cache lines
+  for (int64_t i0 = 0; i0 < T; i0 += B)
+    for (int64_t j0 = 0; j0 < T; j0 += B)
+      for (int64_t i = i0; i < std::min(T, i0 + B); ++i)
+        for (int64_t j = j0; j < std::min(T, j0 + B); ++j) dst[j * T + i] = src[i * T + j];
+}
+
+#if defined(__AVX512F__)
+// fp32 16 x 16 block transpose in registers: 4 rounds of 16 shuffles (unpack pairs of rows, then
+// 4-wide groups, then 128-bit lanes twice).
+inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
   }
-  for (int r = 0; r < RB; ++r)
-    for (int a = 0; a < AB; ++a) *reinterpret_cast<V*>(lanes + (r * T + a) * W) = acc[r][a];
+  // r[4g + k], lane l: column 4l + k of rows 4g .. 4g+3
+#pragma GCC unroll 4
+  for (int g = 0; g < 16; g += 4) {
+    r[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+    r[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
+    r[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    r[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);          // lanes 0, 2 of row groups 0, 1
+    t[4 + k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);      // lanes 1, 3
+    t[8 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);  // lanes 0, 2 of row groups 2, 3
+    t[12 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD); // lanes 1, 3
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88));             // column k
+    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD));       // column 8 + k
+    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0x88));  // column 4 + k
+    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0xDD)); // column 12 + k
+  }
 }
 
-template <typename scalar_t>
-void dot_group(int64_t nj, int64_t R, int64_t T, const scalar_t* D, int64_t ldd, const scalar_t* S,
-               scalar_t* lanes) {
-  constexpr int W = 64 / sizeof(scalar_t);
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4)
-    for (int64_t a = 0; a < T; a += 4)
-      dot_block<scalar_t, 4, 4>(nj, T, D + r * ldd, ldd, S + a * T, lanes + (r * T + a) * W);
-  for (; r < R; ++r)
-    for (int64_t a = 0; a < T; a += 4)
-      dot_block<scalar_t, 1, 4>(nj, T, D + r * ldd, ldd, S + a * T, lanes + (r * T + a) * W);
+template <>
+inline void transpose_tile<float>(const float* __restrict src, float* __restrict dst, int64_t T) {
+  if (T % 16) {
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j < T; ++j) dst[j * T + i] = src[i * T + j];
+    return;
+  }
+  for (int64_t i0 = 0; i0 < T; i0 += 16)
+    for (int64_t j0 = 0; j0 < T; j0 += 16) transpose16(src + i0 * T + j0, T, dst + j0 * T + i0, T);
 }
-
-template <typename scalar_t>
-void finish_lanes(int64_t R, int64_t T, scalar_t* lanes, scalar_t* L, int64_t ldl) {
-  constexpr int W = 64 / sizeof(scalar_t);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t a = 0; a < T; ++a) {
-      scalar_t* l = lanes + (r * T + a) * W;
-      scalar_t v = 0;
-      for (int i = 0; i < W; ++i) { v += l[i]; l[i] = 0; }
-      L[r * ldl + a] += v;
-    }
-}
-
+#endif
 void check_tile(int64_t T) {
   TORCH_CHECK(T >= 1 && (T & (T - 1)) == 0, "tile=", T, " must be a power of two");
 }
@@ -192,50 +231,26 @@ void packed_cov_update_(at::Tensor P, const at::Tensor& X_in, const c10::optiona
 
 // ---- grouped packed product: Q_k = D_k S_k, G_k = Q_k D_k^T ----------------------------------------
 // Each bundle's tile rows are cut into a few ranges of about equal tile counts; a task
-// (bundle, range) reads each of its tiles once. Tile (I, J) adds D_I S_IJ to block J of the task's
-// partial U (R x n) and, for I < J, D_J S_IJ^T to block I (into U directly in dot-product form for
-// narrow R, else as S_IJ D_J^T into a partial L^T (n x R)), both register-blocked while the tile is
-// in L1. Tiles are visited by column blocks, so the partial blocks being updated stay in cache.
-// Q = sum over ranges of U + L, in range order. (Unpacking bands of tile rows for BLAS was measured
-// too: it only matches the dense GEMM at wide R, where both do the same multiply-adds.)
+// (bundle, range) reads each of its tiles once, into its partial U (R x n): tile (I, J) adds
+// D_I S_IJ to block J of U and, for I < J, D_J S_IJ^T to block I, the second product from a
+// transposed copy of the tile made in L1 (so both are the same register-blocked MR x 32 kernel).
+// While the partials fit in L2 a task reads its tiles in storage order, one stream that the software
+// prefetch follows across row ends; for wider R * n the tiles are visited by column blocks, so the
+// blocks of U being updated stay in cache. Q = sum over ranges of U, in range order.
 // The number of ranges depends on the shapes only (never on the thread count, so the summation order
-// is fixed): enough tasks to spread over cores when there are few bundles, and partials (2 R n numbers
-// per range) kept under 1/8 of the bundle's packed factor.
+// is fixed): enough tasks to spread over cores when there are few bundles, and partials (R n numbers
+// per range) kept under 1/16 of the bundle's packed factor.
 constexpr int64_t TARGET_TASKS = 16;
 // Row stride of the padded D and of the partials: one cache line more than the tiles need, so that
 // rows a power-of-two apart do not all fall into the same L1 set.
 inline int64_t lead(int64_t cols) { return cols + 16; }
-// R narrower than one 64-byte vector: the transposed half runs in dot-product form (full vectors
-// along the tiles' rows; needs T a multiple of the vector width); otherwise as S_IJ D_J^T with
-// vectors along R (measured here: the dot form wins at R = 8 and loses from R = 16 in fp32)
-inline bool use_dot(int64_t R, int64_t T, at::ScalarType t) {
-  const int64_t W = t == at::kFloat ? 16 : 8;
-  return R < W && T % W == 0;
-}
-constexpr int64_t GROUP = 4;      // tiles per L1-resident group (4 x 4 KiB at T = 32, fp32)
-constexpr int64_t CB = 16;        // tiles per column block (512 columns at T = 32)
-constexpr int64_t PREFETCH = 8;   // software prefetch distance, in tiles
+constexpr int64_t CB = 16;            // tiles per column block (512 columns at T = 32)
+constexpr int64_t PREFETCH = 8;       // software prefetch distance, in tiles
+constexpr int64_t L2_PARTIALS = int64_t(1) << 19;   // bytes of partials read in storage order
 
 int64_t num_chunks(int64_t n, int64_t R, int64_t m, int64_t nt) {
   const int64_t want = (TARGET_TASKS + m - 1) / m, cap = std::max<int64_t>(1, n / (32 * std::max<int64_t>(R, 1)));
   return std::max<int64_t>(1, std::min({want, cap, nt}));
-}
-
-// Numbers in one task's partials (see packed_gram).
-inline int64_t part_size(int64_t n, int64_t R, int64_t T, at::ScalarType t) {
-  const int64_t nt = num_tiles(n, T);
-  return R * lead(nt * T) + (use_dot(R, T, t) ? 0 : nt * T * R);
-}
-
-// dst (R x n) = U (R x ld, cropped) + (wide ? L, read from its transpose L^T (nt*T x R) : 0).
-template <typename scalar_t>
-void write_q(const scalar_t* U, bool wide, int64_t R, int64_t n, int64_t ld, scalar_t* dst) {
-  for (int64_t r = 0; r < R; ++r) std::copy_n(U + r * ld, n, dst + r * n);
-  if (!wide) return;
-  const scalar_t* Lt = U + R * ld;
-  for (int64_t j0 = 0; j0 < n; j0 += 64)            // blocked transpose-add: both sides stay in L1
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = j0; j < std::min(n, j0 + 64); ++j) dst[r * n + j] += Lt[j * R + r];
 }
 
 std::vector<int64_t> chunk_bounds(int64_t nt, int64_t parts) {
@@ -250,9 +265,39 @@ std::vector<int64_t> chunk_bounds(int64_t nt, int64_t parts) {
   return bounds;
 }
 
+// One task: U (R x ld, zeroed) += the products of tile rows [I0, I1) of the packed factor sp.
+template <typename scalar_t>
+void gram_task(const scalar_t* sp, const scalar_t* dp, int64_t R, int64_t nt, int64_t T, int64_t ld,
+               int64_t I0, int64_t I1, scalar_t* U) {
+  alignas(64) scalar_t St[64 * 64];                 // the transposed tile (T <= 64)
+  const bool linear = 2 * R * ld * (int64_t)sizeof(scalar_t) <= L2_PARTIALS;
+  const int64_t cb = linear ? nt : CB;
+  const scalar_t* task_end = sp + row_start(I1, nt) * T * T;
+  for (int64_t Jb = I0; Jb < nt; Jb += cb) {
+    const int64_t Je = std::min(nt, Jb + cb);
+    for (int64_t I = I0; I < std::min(I1, Je); ++I) {
+      const scalar_t* row = sp + row_start(I, nt) * T * T;
+      for (int64_t J = std::max(I, Jb); J < Je; ++J) {
+        // software prefetch, into L2, of the tile PREFETCH tiles ahead in the order of reading: one
+        // core's demand misses alone do not keep enough lines in flight to stream at memory speed
+        const scalar_t* ahead = row + (J + PREFETCH - I) * T * T;
+        if (linear ? ahead < task_end : J + PREFETCH < Je)
+          for (int64_t o = 0; o < T * T * (int64_t)sizeof(scalar_t); o += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(ahead) + o, 0, 1);
+        const scalar_t* tile = row + (J - I) * T * T;
+        gemm<scalar_t>(R, T, T, dp + I * T, ld, tile, T, U + J * T, ld);         // U_J += D_I S_IJ
+        if (J == I) continue;
+        transpose_tile<scalar_t>(tile, St, T);
+        gemm<scalar_t>(R, T, T, dp + J * T, ld, St, T, U + I * T, ld);           // U_I += D_J S_IJ^T
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at::Tensor& arena,
                                                at::IntArrayRef classes, int64_t tile) {
   check_tile(tile);
+  TORCH_CHECK(tile <= 64, "packed_gram: tile=", tile, " is larger than the C++ kernels' 64");
   TORCH_CHECK(arena.device().is_cpu() && D_in.device().is_cpu(), "packed_gram: CPU tensors only");
   TORCH_CHECK(arena.dim() == 1 && arena.is_contiguous(), "arena must be a contiguous 1-D buffer");
   TORCH_CHECK(arena.scalar_type() == at::kFloat || arena.scalar_type() == at::kDouble,
@@ -262,9 +307,9 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   const int64_t T = tile;
   struct Task { int64_t cls, bundle, I0, I1, part, parts; };
   std::vector<Task> tasks;
-  // Partials of a task: U (R x lead) then, in the narrow-wide form, L^T (nt*T x R). A bundle done by
-  // one task keeps them task-local (cache-hot) and writes its Q directly; the partials of bundles
-  // split over several tasks live in ``scratch`` and are summed afterwards in chunk order.
+  // A bundle done by one task keeps its partial task-local (cache-hot) and writes its Q directly;
+  // the partials of bundles split over several tasks live in ``scratch`` and are summed afterwards
+  // in chunk order.
   std::vector<int64_t> part_off{0};
   int64_t g_size = 0;
   for (size_t c = 0; c < classes.size(); c += 6) {
@@ -276,82 +321,48 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
     g_size = std::max(g_size, classes[c + 5] + m * R * R);
     const auto bounds = chunk_bounds(nt, num_chunks(n, R, m, nt));
     const int64_t parts = (int64_t)bounds.size() - 1;
-    const int64_t size = part_size(n, R, T, arena.scalar_type());
     for (int64_t b = 0; b < m; ++b)
       for (int64_t k = 0; k < parts; ++k) {
         tasks.push_back({(int64_t)c, b, bounds[k], bounds[k + 1], k, parts});
-        part_off.push_back(part_off.back() + (parts > 1 ? size : 0));
+        part_off.push_back(part_off.back() + (parts > 1 ? R * lead(nt * T) : 0));
       }
   }
   at::Tensor Q = at::empty({D.numel()}, D.options());
   at::Tensor G = at::empty({g_size}, D.options());
   at::Tensor scratch = at::zeros({part_off.back()}, D.options());
-  // zero-padded copies of every bundle's D (R x lead) and, for wide R, D^T (nt*T x R)
-  std::vector<at::Tensor> padded, padded_t;
+  std::vector<at::Tensor> padded;       // zero-padded copies of every bundle's D (R x lead)
   for (size_t c = 0; c < classes.size(); c += 6) {
     const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2], nt = num_tiles(n, T);
     at::Tensor Dc = D.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
     padded.push_back(at::constant_pad_nd(Dc, {0, lead(nt * T) - n}).contiguous());
-    padded_t.push_back(use_dot(R, T, D.scalar_type()) ? at::Tensor()
-                                                  : at::constant_pad_nd(Dc, {0, nt * T - n}).transpose(1, 2).contiguous());
   }
   AT_DISPATCH_FLOATING_TYPES(arena.scalar_type(), "packed_gram", [&] {
     const scalar_t* s = arena.data_ptr<scalar_t>();
     scalar_t* part = scratch.data_ptr<scalar_t>();
     scalar_t* q = Q.data_ptr<scalar_t>();
-    constexpr int64_t W = 64 / sizeof(scalar_t);
+    auto crop = [](const scalar_t* U, int64_t R, int64_t n, int64_t ld, scalar_t* dst, bool add) {
+      for (int64_t r = 0; r < R; ++r)
+        if (add) for (int64_t j = 0; j < n; ++j) dst[r * n + j] += U[r * ld + j];
+        else std::copy_n(U + r * ld, n, dst + r * n);
+    };
     at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
+      std::vector<scalar_t> local;
       for (int64_t t = tb; t < te; ++t) {
         const Task& task = tasks[t];
         const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
         const int64_t ld = lead(nt * T);
-        const bool dot_form = use_dot(R, T, arena.scalar_type());
-        const scalar_t* dp = padded[c / 6].data_ptr<scalar_t>() + task.bundle * R * ld;
-        const scalar_t* dt = dot_form ? nullptr : padded_t[c / 6].data_ptr<scalar_t>() + task.bundle * R * nt * T;
-        const scalar_t* sp = s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T;
-        at::Tensor local = task.parts == 1 ? at::zeros({part_size(n, R, T, arena.scalar_type())}, arena.options())
-                                           : at::Tensor();
-        scalar_t* U = task.parts == 1 ? local.data_ptr<scalar_t>() : part + part_off[t];
-        scalar_t* Lt = U + R * ld;                      // (nt*T x R), only in the wide form
-        std::vector<scalar_t> lanes(dot_form ? R * T * W : 0, scalar_t(0));
-        // Column blocks of CB tiles outermost: the partial blocks a task updates (U_J for the block's
-        // columns, U_I / L_I for its rows) stay cache-resident however large R * n is. Every stored
-        // tile is still read exactly once.
-        for (int64_t Jb = task.I0; Jb < nt; Jb += CB) {
-          const int64_t Je = std::min(nt, Jb + CB);
-          for (int64_t I = task.I0; I < std::min(task.I1, Je); ++I) {
-            const scalar_t* row = sp + row_start(I, nt) * T * T;
-            const int64_t Js = std::max(I, Jb);
-            // groups of GROUP tiles: the first half of the product streams them from memory, the
-            // second half finds them in L1
-            for (int64_t J0 = Js; J0 < Je; J0 += GROUP) {
-              const int64_t J1 = std::min(Je, J0 + GROUP);
-              for (int64_t J = J0; J < J1; ++J) {                            // U_J += D_I S_IJ
-                // software prefetch, into L2, of the tile PREFETCH tiles ahead: one core's demand
-                // misses alone do not keep enough lines in flight to stream at memory speed
-                if (J + PREFETCH < Je) {
-                  const char* ahead = reinterpret_cast<const char*>(row + (J + PREFETCH - I) * T * T);
-                  for (int64_t o = 0; o < T * T * (int64_t)sizeof(scalar_t); o += 64) __builtin_prefetch(ahead + o, 0, 1);
-                }
-                gemm<8>(R, T, T, dp + I * T, ld, row + (J - I) * T * T, T, U + J * T, ld);
-              }
-              const int64_t K0 = std::max(J0, I + 1);
-              if (K0 >= J1) continue;
-              if (dot_form) {                                                // U_I += sum_J D_J S_IJ^T
-                dot_group<scalar_t>(J1 - K0, R, T, dp + K0 * T, ld, row + (K0 - I) * T * T, lanes.data());
-              } else {                                                       // L_I^T += S_IJ D_J^T
-                for (int64_t J = K0; J < J1; ++J)
-                  gemm<8>(T, R, T, row + (J - I) * T * T, T, dt + J * T * R, R, Lt + I * T * R, R);
-              }
-            }
-            if (dot_form && std::max(Js, I + 1) < Je) finish_lanes<scalar_t>(R, T, lanes.data(), U + I * T, ld);
-          }
+        scalar_t* U = part + part_off[t];
+        if (task.parts == 1) {
+          local.assign(R * ld, scalar_t(0));
+          U = local.data();
         }
-        if (task.parts == 1)
-          write_q(U, !dot_form, R, n, ld, q + classes[c + 3] + task.bundle * R * n);
+        gram_task<scalar_t>(s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T,
+                            padded[c / 6].data_ptr<scalar_t>() + task.bundle * R * ld, R, nt, T, ld,
+                            task.I0, task.I1, U);
+        if (task.parts == 1) crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
       }
     });
-    // bundles split over several tasks: Q = sum over chunks of U (+ L), in chunk order, cropped to n
+    // bundles split over several tasks: Q = sum over chunks of U, in chunk order, cropped to n
     std::vector<int64_t> first;
     for (size_t t = 0; t < tasks.size(); ++t)
       if (tasks[t].part == 0 && tasks[t].parts > 1) first.push_back((int64_t)t);
@@ -359,14 +370,8 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
       for (int64_t f = bb; f < be; ++f) {
         const Task& task = tasks[first[f]];
         const int64_t c = task.cls, n = classes[c], R = classes[c + 1], ld = lead(num_tiles(n, T) * T);
-        const bool wide = !use_dot(R, T, arena.scalar_type());
         scalar_t* dst = q + classes[c + 3] + task.bundle * R * n;
-        write_q(part + part_off[first[f]], wide, R, n, ld, dst);
-        std::vector<scalar_t> more(R * n);
-        for (int64_t k = 1; k < task.parts; ++k) {
-          write_q(part + part_off[first[f] + k], wide, R, n, ld, more.data());
-          for (int64_t j = 0; j < R * n; ++j) dst[j] += more[j];
-        }
+        for (int64_t k = 0; k < task.parts; ++k) crop(part + part_off[first[f] + k], R, n, ld, dst, k > 0);
       }
     });
   });
