@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -167,6 +168,40 @@ inline void transpose_tile<float>(const float* __restrict src, float* __restrict
     for (int64_t j0 = 0; j0 < T; j0 += 16) transpose16(src + i0 * T + j0, T, dst + j0 * T + i0, T);
 }
 #endif
+// G (R x R, row stride R) = U (R x K, row stride ldu) . V^T (V: R x K, row stride ldv), as dot
+// products along the rows in blocks of 4 x 4, vector lanes summed once at the end (fixed order).
+template <typename scalar_t>
+void gram_dots(int64_t R, int64_t K, const scalar_t* U, int64_t ldu, const scalar_t* V, int64_t ldv, scalar_t* G) {
+  using Vv = typename Vec<scalar_t, 64>::type;
+  constexpr int W = 64 / sizeof(scalar_t);
+  const int64_t Kv = K / W * W;
+  for (int64_t r0 = 0; r0 < R; r0 += 4)
+    for (int64_t s0 = 0; s0 < R; s0 += 4) {
+      const scalar_t *u[4], *v[4];
+      for (int i = 0; i < 4; ++i) {        // rows past R repeat the last one; their sums are dropped
+        u[i] = U + std::min(r0 + i, R - 1) * ldu;
+        v[i] = V + std::min(s0 + i, R - 1) * ldv;
+      }
+      Vv acc[4][4] = {};
+      for (int64_t k = 0; k < Kv; k += W) {
+        Vv a[4], b[4];
+        for (int i = 0; i < 4; ++i) {
+          a[i] = *reinterpret_cast<const Vv*>(u[i] + k);
+          b[i] = *reinterpret_cast<const Vv*>(v[i] + k);
+        }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+      }
+      for (int i = 0; i < 4 && r0 + i < R; ++i)
+        for (int j = 0; j < 4 && s0 + j < R; ++j) {
+          scalar_t sum = 0;
+          for (int l = 0; l < W; ++l) sum += acc[i][j][l];
+          for (int64_t k = Kv; k < K; ++k) sum += u[i][k] * v[j][k];
+          G[(r0 + i) * R + s0 + j] = sum;
+        }
+    }
+}
+
 void check_tile(int64_t T) {
   TORCH_CHECK(T >= 1 && (T & (T - 1)) == 0, "tile=", T, " must be a power of two");
 }
@@ -330,36 +365,36 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   at::Tensor Q = at::empty({D.numel()}, D.options());
   at::Tensor G = at::empty({g_size}, D.options());
   at::Tensor scratch = at::zeros({part_off.back()}, D.options());
-  std::vector<at::Tensor> padded;       // zero-padded copies of every bundle's D (R x lead)
-  for (size_t c = 0; c < classes.size(); c += 6) {
-    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2], nt = num_tiles(n, T);
-    at::Tensor Dc = D.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
-    padded.push_back(at::constant_pad_nd(Dc, {0, lead(nt * T) - n}).contiguous());
-  }
   AT_DISPATCH_FLOATING_TYPES(arena.scalar_type(), "packed_gram", [&] {
     const scalar_t* s = arena.data_ptr<scalar_t>();
+    const scalar_t* d = D.data_ptr<scalar_t>();
     scalar_t* part = scratch.data_ptr<scalar_t>();
     scalar_t* q = Q.data_ptr<scalar_t>();
+    scalar_t* g = G.data_ptr<scalar_t>();
     auto crop = [](const scalar_t* U, int64_t R, int64_t n, int64_t ld, scalar_t* dst, bool add) {
       for (int64_t r = 0; r < R; ++r)
         if (add) for (int64_t j = 0; j < n; ++j) dst[r * n + j] += U[r * ld + j];
         else std::copy_n(U + r * ld, n, dst + r * n);
     };
     at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
-      std::vector<scalar_t> local;
+      std::vector<scalar_t> local, dpad;
       for (int64_t t = tb; t < te; ++t) {
         const Task& task = tasks[t];
         const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
         const int64_t ld = lead(nt * T);
+        const scalar_t* db = d + classes[c + 3] + task.bundle * R * n;
+        dpad.assign(R * ld, scalar_t(0));             // the bundle's D, rows padded to ld with zeros
+        for (int64_t r = 0; r < R; ++r) std::copy_n(db + r * n, n, dpad.data() + r * ld);
         scalar_t* U = part + part_off[t];
         if (task.parts == 1) {
           local.assign(R * ld, scalar_t(0));
           U = local.data();
         }
-        gram_task<scalar_t>(s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T,
-                            padded[c / 6].data_ptr<scalar_t>() + task.bundle * R * ld, R, nt, T, ld,
-                            task.I0, task.I1, U);
-        if (task.parts == 1) crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
+        gram_task<scalar_t>(s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt, T,
+                            ld, task.I0, task.I1, U);
+        if (task.parts > 1) continue;
+        crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
+        gram_dots<scalar_t>(R, n, U, ld, dpad.data(), ld, g + classes[c + 5] + task.bundle * R * R);  // G = Q D^T
       }
     });
     // bundles split over several tasks: Q = sum over chunks of U, in chunk order, cropped to n
@@ -372,16 +407,11 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         const int64_t c = task.cls, n = classes[c], R = classes[c + 1], ld = lead(num_tiles(n, T) * T);
         scalar_t* dst = q + classes[c + 3] + task.bundle * R * n;
         for (int64_t k = 0; k < task.parts; ++k) crop(part + part_off[first[f] + k], R, n, ld, dst, k > 0);
+        gram_dots<scalar_t>(R, n, dst, n, d + classes[c + 3] + task.bundle * R * n, n,
+                            g + classes[c + 5] + task.bundle * R * R);
       }
     });
   });
-  for (size_t c = 0; c < classes.size(); c += 6) {
-    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
-    at::Tensor Qc = Q.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
-    at::Tensor Dc = D.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
-    at::Tensor Gc = G.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
-    at::bmm_out(Gc, Qc, Dc.transpose(1, 2));
-  }
   return {G, Q};
 }
 
@@ -423,14 +453,32 @@ std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const a
     value.fill_(0.5 * v);
   });
   if (!grad) return {value, at::empty({0}, G.options())};
-  at::Tensor dD = at::empty_like(Q);
-  for (size_t c = 0; c < classes.size(); c += 6) {
-    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
-    at::Tensor Wc = W.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
-    at::Tensor out = dD.narrow(0, classes[c + 3], m * R * n).view({m, R, n});
-    at::bmm_out(out, Wc + Wc.transpose(1, 2),
-                Q.narrow(0, classes[c + 3], m * R * n).view({m, R, n}));
-  }
+  // dD_k = (W_k + W_k^T) Q_k, in tasks of (bundle, 512 columns)
+  at::Tensor dD = at::empty_like(Q);                   // zeroed by its tasks, in parallel
+  constexpr int64_t COLS = 512;
+  std::vector<std::array<int64_t, 3>> work;             // (class offset, bundle, first column)
+  for (size_t c = 0; c < classes.size(); c += 6)
+    for (int64_t b = 0; b < classes[c + 2]; ++b)
+      for (int64_t j = 0; j < classes[c]; j += COLS) work.push_back({(int64_t)c, b, j});
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "packed_gram_quad_grad", [&] {
+    const scalar_t* w = W.data_ptr<scalar_t>();
+    const scalar_t* q = Q.data_ptr<scalar_t>();
+    scalar_t* out = dD.data_ptr<scalar_t>();
+    at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t wb, int64_t we) {
+      std::vector<scalar_t> M;
+      for (int64_t i = wb; i < we; ++i) {
+        const int64_t c = work[i][0], b = work[i][1], j = work[i][2];
+        const int64_t n = classes[c], R = classes[c + 1], cols = std::min(COLS, n - j);
+        const scalar_t* wk = w + classes[c + 5] + b * R * R;
+        M.resize(R * R);
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t s = 0; s < R; ++s) M[r * R + s] = wk[r * R + s] + wk[s * R + r];
+        const int64_t off = classes[c + 3] + b * R * n + j;
+        for (int64_t r = 0; r < R; ++r) std::fill_n(out + off + r * n, cols, scalar_t(0));
+        gemm<scalar_t>(R, cols, R, M.data(), R, q + off, n, out + off, n);
+      }
+    });
+  });
   return {value, dD};
 }
 
