@@ -113,12 +113,17 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda
 
 // dst = src^T for one contiguous T x T tile (both row stride T).
 template <typename scalar_t>
-inline void transpose_tile(const scalar_t* __restrict src, scalar_t* __restrict dst, int64_t T) {
+inline void transpose_blocked(const scalar_t* __restrict src, scalar_t* __restrict dst, int64_t T) {
   constexpr int64_t B = 8;                 // 8 x 8 blocks: both sides stay within a few cache lines
   for (int64_t i0 = 0; i0 < T; i0 += B)
     for (int64_t j0 = 0; j0 < T; j0 += B)
       for (int64_t i = i0; i < std::min(T, i0 + B); ++i)
         for (int64_t j = j0; j < std::min(T, j0 + B); ++j) dst[j * T + i] = src[i * T + j];
+}
+
+template <typename scalar_t>
+inline void transpose_tile(const scalar_t* __restrict src, scalar_t* __restrict dst, int64_t T) {
+  transpose_blocked(src, dst, T);
 }
 
 #if defined(__AVX512F__)
@@ -159,11 +164,7 @@ inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) 
 
 template <>
 inline void transpose_tile<float>(const float* __restrict src, float* __restrict dst, int64_t T) {
-  if (T % 16) {
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t j = 0; j < T; ++j) dst[j * T + i] = src[i * T + j];
-    return;
-  }
+  if (T % 16) return transpose_blocked(src, dst, T);
   for (int64_t i0 = 0; i0 < T; i0 += 16)
     for (int64_t j0 = 0; j0 < T; j0 += 16) transpose16(src + i0 * T + j0, T, dst + j0 * T + i0, T);
 }
@@ -269,7 +270,7 @@ void packed_cov_update_(at::Tensor P, const at::Tensor& X_in, const c10::optiona
 // (bundle, range) reads each of its tiles once, into its partial U (R x n): tile (I, J) adds
 // D_I S_IJ to block J of U and, for I < J, D_J S_IJ^T to block I, the second product from a
 // transposed copy of the tile made in L1 (so both are the same register-blocked MR x 32 kernel).
-// While the partials fit in L2 a task reads its tiles in storage order, one stream that the software
+// While its partial and D fit in L2 a task reads its tiles in storage order, one stream that the software
 // prefetch follows across row ends; for wider R * n the tiles are visited by column blocks, so the
 // blocks of U being updated stay in cache. Q = sum over ranges of U, in range order.
 // The number of ranges depends on the shapes only (never on the thread count, so the summation order
@@ -281,7 +282,7 @@ constexpr int64_t TARGET_TASKS = 16;
 inline int64_t lead(int64_t cols) { return cols + 16; }
 constexpr int64_t CB = 16;            // tiles per column block (512 columns at T = 32)
 constexpr int64_t PREFETCH = 8;       // software prefetch distance, in tiles
-constexpr int64_t L2_PARTIALS = int64_t(1) << 19;   // bytes of partials read in storage order
+constexpr int64_t L2_BYTES = int64_t(1) << 19;   // U + padded D up to this: tiles in storage order
 
 int64_t num_chunks(int64_t n, int64_t R, int64_t m, int64_t nt) {
   const int64_t want = (TARGET_TASKS + m - 1) / m, cap = std::max<int64_t>(1, n / (32 * std::max<int64_t>(R, 1)));
@@ -305,21 +306,22 @@ template <typename scalar_t>
 void gram_task(const scalar_t* sp, const scalar_t* dp, int64_t R, int64_t nt, int64_t T, int64_t ld,
                int64_t I0, int64_t I1, scalar_t* U) {
   alignas(64) scalar_t St[64 * 64];                 // the transposed tile (T <= 64)
-  const bool linear = 2 * R * ld * (int64_t)sizeof(scalar_t) <= L2_PARTIALS;
+  // the partial U and the padded D (R x ld each) small enough for L2: storage order
+  const bool linear = 2 * R * ld * (int64_t)sizeof(scalar_t) <= L2_BYTES;
   const int64_t cb = linear ? nt : CB;
-  const scalar_t* task_end = sp + row_start(I1, nt) * T * T;
+  const int64_t tt = T * T, task_end = row_start(I1, nt) * tt;   // in numbers from sp
   for (int64_t Jb = I0; Jb < nt; Jb += cb) {
     const int64_t Je = std::min(nt, Jb + cb);
     for (int64_t I = I0; I < std::min(I1, Je); ++I) {
-      const scalar_t* row = sp + row_start(I, nt) * T * T;
+      const int64_t row = row_start(I, nt) * tt;
       for (int64_t J = std::max(I, Jb); J < Je; ++J) {
         // software prefetch, into L2, of the tile PREFETCH tiles ahead in the order of reading: one
         // core's demand misses alone do not keep enough lines in flight to stream at memory speed
-        const scalar_t* ahead = row + (J + PREFETCH - I) * T * T;
+        const int64_t ahead = row + (J + PREFETCH - I) * tt;
         if (linear ? ahead < task_end : J + PREFETCH < Je)
-          for (int64_t o = 0; o < T * T * (int64_t)sizeof(scalar_t); o += 64)
-            __builtin_prefetch(reinterpret_cast<const char*>(ahead) + o, 0, 1);
-        const scalar_t* tile = row + (J - I) * T * T;
+          for (int64_t o = 0; o < tt * (int64_t)sizeof(scalar_t); o += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(sp + ahead) + o, 0, 1);
+        const scalar_t* tile = sp + row + (J - I) * tt;
         gemm<scalar_t>(R, T, T, dp + I * T, ld, tile, T, U + J * T, ld);         // U_J += D_I S_IJ
         if (J == I) continue;
         transpose_tile<scalar_t>(tile, St, T);
@@ -455,27 +457,29 @@ std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const a
   if (!grad) return {value, at::empty({0}, G.options())};
   // dD_k = (W_k + W_k^T) Q_k, in tasks of (bundle, 512 columns)
   at::Tensor dD = at::empty_like(Q);                   // zeroed by its tasks, in parallel
+  at::Tensor Wsym = at::empty_like(W);                 // W_k + W_k^T per bundle
+  for (size_t c = 0; c < classes.size(); c += 6) {
+    const int64_t R = classes[c + 1], m = classes[c + 2];
+    const at::Tensor Wc = W.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
+    at::Tensor out = Wsym.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
+    at::add_out(out, Wc, Wc.transpose(1, 2));
+  }
   constexpr int64_t COLS = 512;
   std::vector<std::array<int64_t, 3>> work;             // (class offset, bundle, first column)
   for (size_t c = 0; c < classes.size(); c += 6)
     for (int64_t b = 0; b < classes[c + 2]; ++b)
       for (int64_t j = 0; j < classes[c]; j += COLS) work.push_back({(int64_t)c, b, j});
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "packed_gram_quad_grad", [&] {
-    const scalar_t* w = W.data_ptr<scalar_t>();
+    const scalar_t* w = Wsym.data_ptr<scalar_t>();
     const scalar_t* q = Q.data_ptr<scalar_t>();
     scalar_t* out = dD.data_ptr<scalar_t>();
     at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t wb, int64_t we) {
-      std::vector<scalar_t> M;
       for (int64_t i = wb; i < we; ++i) {
         const int64_t c = work[i][0], b = work[i][1], j = work[i][2];
         const int64_t n = classes[c], R = classes[c + 1], cols = std::min(COLS, n - j);
-        const scalar_t* wk = w + classes[c + 5] + b * R * R;
-        M.resize(R * R);
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t s = 0; s < R; ++s) M[r * R + s] = wk[r * R + s] + wk[s * R + r];
         const int64_t off = classes[c + 3] + b * R * n + j;
         for (int64_t r = 0; r < R; ++r) std::fill_n(out + off + r * n, cols, scalar_t(0));
-        gemm<scalar_t>(R, cols, R, M.data(), R, q + off, n, out + off, n);
+        gemm<scalar_t>(R, cols, R, w + classes[c + 5] + b * R * R, R, q + off, n, out + off, n);
       }
     });
   });

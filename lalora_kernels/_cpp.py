@@ -29,7 +29,7 @@ def _register_fakes() -> None:
     """Shapes of the C++ ops' outputs, so that torch.compile can trace through them."""
     import torch
 
-    from .reference.gram import gram_numel
+    from .reference.gram import gram_outputs_like
 
     @torch.library.register_fake("lalora_cpp::packed_cov_update_")
     def _(P, X, mask, weight, tile):
@@ -37,11 +37,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lalora_cpp::packed_gram")
     def _(D, arena, classes, tile):
-        return D.new_empty((gram_numel(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
+        return gram_outputs_like(D, arena, classes)
 
     @torch.library.register_fake("lalora_cpp::packed_gram_quad")
     def _(D, arena, classes, tile, C, idx_a, idx_b, coef, grad):
-        return D.new_empty((), dtype=arena.dtype), D.new_empty(D.shape if grad else (0,), dtype=arena.dtype)
+        return gram_outputs_like(D, arena, classes, grad)
 
 
 def available() -> bool:

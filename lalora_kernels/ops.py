@@ -202,11 +202,11 @@ if not HAS_TRITON:
 
     @grouped_gram.register_fake
     def _(D, arena, items, work, pairs, plan, classes, tile):
-        return D.new_empty((reference.gram_numel(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
+        return reference.gram_outputs_like(D, arena, classes)
 
     @grouped_gram_quad.register_fake
     def _(D, arena, items, work, pairs, plan, classes, tile, C, idx_a, idx_b, coef, grad):
-        return D.new_empty((), dtype=arena.dtype), D.new_empty(D.shape if grad else (0,), dtype=arena.dtype)
+        return reference.gram_outputs_like(D, arena, classes, grad)
 
 
 def _grouped_gram_setup(ctx, inputs, output):

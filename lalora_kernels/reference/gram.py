@@ -7,7 +7,7 @@ the (transposed) LoRA deltas that share the symmetric factor S (``dA`` rows agai
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,6 +35,14 @@ def class_views(flat: torch.Tensor, classes: Sequence[int], kind: str, tile: int
 def gram_numel(classes: Sequence[int]) -> int:
     """Numbers in the flat G of a ``GramLayout``'s classes (sum of m R^2)."""
     return sum(classes[c + 1] ** 2 * classes[c + 2] for c in range(0, len(classes), 6))
+
+
+def gram_outputs_like(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int], grad: Optional[bool] = None):
+    """Empty outputs shaped like ``grouped_gram``'s (G, Q), or with ``grad`` given like
+    ``grouped_gram_quad``'s (value, dD): the ops' fake (meta) implementations."""
+    if grad is None:
+        return D.new_empty((gram_numel(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
+    return D.new_empty((), dtype=arena.dtype), D.new_empty(D.shape if grad else (0,), dtype=arena.dtype)
 
 
 def sym_grad(W: torch.Tensor, Q: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
