@@ -169,6 +169,20 @@ inline void transpose_tile<float>(const float* __restrict src, float* __restrict
     for (int64_t j0 = 0; j0 < T; j0 += 16) transpose16(src + i0 * T + j0, T, dst + j0 * T + i0, T);
 }
 #endif
+// Sum of one 64-byte vector's lanes, as a tree (the plain loop is a serial chain of W adds).
+template <typename scalar_t>
+inline scalar_t lane_sum(typename Vec<scalar_t, 64>::type v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) return _mm512_reduce_add_ps((__m512)v);
+#endif
+  constexpr int W = 64 / sizeof(scalar_t);
+  scalar_t l[W];
+  std::copy_n(reinterpret_cast<const scalar_t*>(&v), W, l);
+  for (int h = W / 2; h > 0; h /= 2)
+    for (int i = 0; i < h; ++i) l[i] += l[i + h];
+  return l[0];
+}
+
 // G (R x R, row stride R) = U (R x K, row stride ldu) . V^T (V: R x K, row stride ldv), as dot
 // products along the rows in blocks of 4 x 4, vector lanes summed once at the end (fixed order).
 template <typename scalar_t>
@@ -195,8 +209,7 @@ void gram_dots(int64_t R, int64_t K, const scalar_t* U, int64_t ldu, const scala
       }
       for (int i = 0; i < 4 && r0 + i < R; ++i)
         for (int j = 0; j < 4 && s0 + j < R; ++j) {
-          scalar_t sum = 0;
-          for (int l = 0; l < W; ++l) sum += acc[i][j][l];
+          scalar_t sum = lane_sum<scalar_t>(acc[i][j]);
           for (int64_t k = Kv; k < K; ++k) sum += u[i][k] * v[j][k];
           G[(r0 + i) * R + s0 + j] = sum;
         }
