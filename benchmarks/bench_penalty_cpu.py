@@ -1,7 +1,8 @@
 """CPU: grouped penalty (LaLoRARegularizer) vs a plain per-adapter Python loop of the same formulas.
 
 Both compute value + gradients (forward + backward) for every adapter of a Llama-shaped model with
-LoRA on all seven projections. Measured side by side in one run; ratios are what we report.
+LoRA on all seven projections. Timed in alternation in one run (so that drift in the shared
+machine's speed hits both alike); ratios are what we report.
 Run: python benchmarks/bench_penalty_cpu.py [--layers 16 --hidden 256]
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import warnings
 
 import torch
 
-from common import median_seconds, table, write
+from common import interleaved_medians, table, write
 from lalora_kernels import LaLoRARegularizer, estimate_curvature
 from lalora_kernels.lora_layers import find_lora_layers
 from lalora_kernels.tiny import llama_lora, random_batches
@@ -74,15 +75,15 @@ def main():
         def loop():
             loop_penalty(curv, refs, lam_c).backward()
 
-        t_g = median_seconds(grouped, args.min_run_time)
-        t_l = median_seconds(loop, args.min_run_time)
+        t_g, t_l = interleaved_medians([grouped, loop], args.min_run_time)
         model.zero_grad()
         rows.append({"variant": variant, "adapters": len(refs), "grouped_ms": round(t_g * 1e3, 3),
                      "loop_ms": round(t_l * 1e3, 3), "speedup": round(t_l / t_g, 2),
                      "factor_MiB": round(curv.memory_bytes() / 2**20, 2)})
         print(rows[-1], flush=True)
     path = write("cpu_penalty.json", rows, out=args.out, config=vars(args),
-                 what="forward+backward of the penalty over all adapters, median seconds")
+                 what="forward+backward of the penalty over all adapters, median seconds, grouped and loop "
+                      "timed in alternation")
     print(table(rows, list(rows[0])))
     print(f"wrote {path}")
 

@@ -11,16 +11,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def median_seconds(fn, min_run_time: float = 1.0) -> float:
-    """Median wall time of fn() from torch.utils.benchmark (warm-up included)."""
-    fn()
-    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time).median
 
 
 def _seconds(fn) -> float:
