@@ -5,7 +5,8 @@
 // Registered as ops of the private namespace ``lalora_cpp``; ``lalora_kernels.ops`` installs them
 // as the CPU kernels of ``lalora::packed_cov_update_`` and ``lalora::grouped_gram``.
 //
-// Parallelism: at::parallel_for (ATen's OpenMP pool). Every task owns its outputs and runs its
+// Parallelism: ATen's OpenMP pool (the grouped product's tasks handed out costliest first from a
+// shared counter, so bundles of mixed shapes balance). Every task owns its outputs and runs its
 // loops in a fixed order, and the partial sums of the grouped product are added in chunk order,
 // so results are bitwise identical run to run and for any thread count.
 #include <Python.h>
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -216,6 +218,29 @@ void gram_dots(int64_t R, int64_t K, const scalar_t* U, int64_t ldu, const scala
     }
 }
 
+// f(t) for every t in order, over ATen's threads: each thread takes the next task from a shared
+// counter, so tasks of unequal size balance themselves (a static split of a list of bundles of
+// mixed shapes leaves one thread waiting at the barrier). Every task owns its outputs, so results
+// do not depend on which thread runs which task. ``order``: costliest tasks first; ``State``: a
+// thread's scratch, passed to each of its tasks.
+template <typename State, typename F>
+void run_dynamic(const std::vector<int64_t>& order, F f) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = (int64_t)order.size();
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    State state;
+    for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) f(order[k], state);
+  });
+}
+
+// Task indices sorted by decreasing cost (ties in index order, so the order is fixed).
+inline std::vector<int64_t> costliest_first(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  for (size_t i = 0; i < cost.size(); ++i) order[i] = (int64_t)i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
 void check_tile(int64_t T) {
   TORCH_CHECK(T >= 1 && (T & (T - 1)) == 0, "tile=", T, " must be a power of two");
 }
@@ -391,9 +416,14 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         if (add) for (int64_t j = 0; j < n; ++j) dst[r * n + j] += U[r * ld + j];
         else std::copy_n(U + r * ld, n, dst + r * n);
     };
-    at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
-      std::vector<scalar_t> local, dpad;
-      for (int64_t t = tb; t < te; ++t) {
+    std::vector<int64_t> cost;                      // multiply-adds: tiles read x rows of D
+    for (const Task& task : tasks)
+      cost.push_back((row_start(task.I1, num_tiles(classes[task.cls], T)) -
+                      row_start(task.I0, num_tiles(classes[task.cls], T))) * classes[task.cls + 1]);
+    using Scratch = std::array<std::vector<scalar_t>, 2>;   // a thread's partial and padded D
+    run_dynamic<Scratch>(costliest_first(cost), [&](int64_t t, Scratch& scratch) {
+      auto& [local, dpad] = scratch;
+      {
         const Task& task = tasks[t];
         const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
         const int64_t ld = lead(nt * T);
@@ -407,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         }
         gram_task<scalar_t>(s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt, T,
                             ld, task.I0, task.I1, U);
-        if (task.parts > 1) continue;
+        if (task.parts > 1) return;
         crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
         gram_dots<scalar_t>(R, n, U, ld, dpad.data(), ld, g + classes[c + 5] + task.bundle * R * R);  // G = Q D^T
       }
@@ -486,14 +516,14 @@ std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const a
     const scalar_t* w = Wsym.data_ptr<scalar_t>();
     const scalar_t* q = Q.data_ptr<scalar_t>();
     scalar_t* out = dD.data_ptr<scalar_t>();
-    at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t wb, int64_t we) {
-      for (int64_t i = wb; i < we; ++i) {
-        const int64_t c = work[i][0], b = work[i][1], j = work[i][2];
-        const int64_t n = classes[c], R = classes[c + 1], cols = std::min(COLS, n - j);
-        const int64_t off = classes[c + 3] + b * R * n + j;
-        for (int64_t r = 0; r < R; ++r) std::fill_n(out + off + r * n, cols, scalar_t(0));
-        gemm<scalar_t>(R, cols, R, w + classes[c + 5] + b * R * R, R, q + off, n, out + off, n);
-      }
+    std::vector<int64_t> cost;                      // multiply-adds: R x R times R x cols
+    for (const auto& [c, b, j] : work) cost.push_back(classes[c + 1] * classes[c + 1] * std::min(COLS, classes[c] - j));
+    run_dynamic<bool>(costliest_first(cost), [&](int64_t i, bool&) {
+      const int64_t c = work[i][0], b = work[i][1], j = work[i][2];
+      const int64_t n = classes[c], R = classes[c + 1], cols = std::min(COLS, n - j);
+      const int64_t off = classes[c + 3] + b * R * n + j;
+      for (int64_t r = 0; r < R; ++r) std::fill_n(out + off + r * n, cols, scalar_t(0));
+      gemm<scalar_t>(R, cols, R, w + classes[c + 5] + b * R * R, R, q + off, n, out + off, n);
     });
   });
   return {value, dD};

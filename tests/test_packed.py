@@ -33,6 +33,14 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def cpp_ops():
+    """``torch.ops.lalora_cpp``, with ``_C`` loaded (a test run alone must not depend on an
+    earlier test having imported it)."""
+    assert _cpp.available(), f"lalora_kernels._C failed to load: {_cpp.load()}"
+    return torch.ops.lalora_cpp
+
+
 def test_cpp_extension_is_built():
     assert _cpp.available(), f"lalora_kernels._C failed to load: {_cpp.load()}"
     info = lalora_kernels.backends()
@@ -197,17 +205,17 @@ def test_grouped_gram_quad_without_grad_cannot_backprop(backend):
         v.backward()
 
 
-def test_grouped_gram_quad_rejects_bad_weights():
+def test_grouped_gram_quad_rejects_bad_weights(cpp_ops):
     classes = [(9, 3, 2)]
     _, (packed, tabs, plan, flat) = _packed_problem(classes, 8)
     D = torch.randn(54, dtype=torch.float64)
     C, ia, ib, coef = quad_problem(classes)
     with pytest.raises(RuntimeError, match="C has 5 numbers"):
-        torch.ops.lalora_cpp.packed_gram_quad(D, packed, flat, 8, C[:5], ia, ib, coef, True)
+        cpp_ops.packed_gram_quad(D, packed, flat, 8, C[:5], ia, ib, coef, True)
     with pytest.raises(RuntimeError, match="equal lengths"):
-        torch.ops.lalora_cpp.packed_gram_quad(D, packed, flat, 8, C, ia, ib[:3], coef, True)
+        cpp_ops.packed_gram_quad(D, packed, flat, 8, C, ia, ib[:3], coef, True)
     with pytest.raises(RuntimeError, match="outside G"):
-        torch.ops.lalora_cpp.packed_gram_quad(D, packed, flat, 8, C, ia + 1000, ib, coef, True)
+        cpp_ops.packed_gram_quad(D, packed, flat, 8, C, ia + 1000, ib, coef, True)
 
 
 # ---- penalty and curvature on packed factors ---------------------------------------------------
@@ -280,7 +288,7 @@ def test_wrong_layout_shapes_rejected():
 
 
 # ---- C++: determinism, fallback ----------------------------------------------------------------
-def test_cpp_results_are_bitwise_identical_run_to_run_and_across_threads():
+def test_cpp_results_are_bitwise_identical_run_to_run_and_across_threads(cpp_ops):
     classes = [(300, 16, 3), (1000, 8, 1), (64, 40, 2)]
     _, (packed, tabs, plan, pflat) = _packed_problem(classes, 32, torch.float64)
     packed = packed.float()
@@ -292,11 +300,11 @@ def test_cpp_results_are_bitwise_identical_run_to_run_and_across_threads():
     try:
         for t in (threads, threads, 1):
             torch.set_num_threads(t)
-            G, Q = torch.ops.lalora_cpp.packed_gram(D, packed, pflat, 32)
-            v, dD = torch.ops.lalora_cpp.packed_gram_quad(D, packed, pflat, 32, *quad_problem(classes, True, 99,
+            G, Q = cpp_ops.packed_gram(D, packed, pflat, 32)
+            v, dD = cpp_ops.packed_gram_quad(D, packed, pflat, 32, *quad_problem(classes, True, 99,
                                                                                                torch.float32), True)
             P = torch.zeros(packed_numel(300, 32))
-            torch.ops.lalora_cpp.packed_cov_update_(P, X, mask, 0.5, 32)
+            cpp_ops.packed_cov_update_(P, X, mask, 0.5, 32)
             outs.append((G, Q, v, dD, P))
     finally:
         torch.set_num_threads(threads)
