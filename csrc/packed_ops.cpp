@@ -428,8 +428,11 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
         const int64_t ld = lead(nt * T);
         const scalar_t* db = d + classes[c + 3] + task.bundle * R * n;
-        dpad.assign(R * ld, scalar_t(0));             // the bundle's D, rows padded to ld with zeros
-        for (int64_t r = 0; r < R; ++r) std::copy_n(db + r * n, n, dpad.data() + r * ld);
+        dpad.resize(R * ld);                          // the bundle's D, rows padded to ld with zeros
+        for (int64_t r = 0; r < R; ++r) {
+          std::copy_n(db + r * n, n, dpad.data() + r * ld);
+          std::fill_n(dpad.data() + r * ld + n, ld - n, scalar_t(0));
+        }
         scalar_t* U = part + part_off[t];
         if (task.parts == 1) {
           local.assign(R * ld, scalar_t(0));
