@@ -221,15 +221,19 @@ void gram_dots(int64_t R, int64_t K, const scalar_t* U, int64_t ldu, const scala
 // f(t) for every t in order, over ATen's threads: each thread takes the next task from a shared
 // counter, so tasks of unequal size balance themselves (a static split of a list of bundles of
 // mixed shapes leaves one thread waiting at the barrier). Every task owns its outputs, so results
-// do not depend on which thread runs which task. ``order``: costliest tasks first; ``State``: a
-// thread's scratch, passed to each of its tasks.
-template <typename State, typename F>
+// do not depend on which thread runs which task. ``order``: costliest tasks first. With a
+// ``State`` (a thread's scratch), f(t, state) is called with the running thread's one.
+template <typename State = void, typename F>
 void run_dynamic(const std::vector<int64_t>& order, F f) {
   std::atomic<int64_t> next{0};
   const int64_t n = (int64_t)order.size();
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    State state;
-    for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) f(order[k], state);
+    if constexpr (std::is_void_v<State>) {
+      for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) f(order[k]);
+    } else {
+      State state;
+      for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) f(order[k], state);
+    }
   });
 }
 
@@ -385,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   // A bundle done by one task keeps its partial task-local (cache-hot) and writes its Q directly;
   // the partials of bundles split over several tasks live in ``scratch`` and are summed afterwards
   // in chunk order.
-  std::vector<int64_t> part_off{0};
+  std::vector<int64_t> part_off{0}, cost;          // cost: multiply-adds, tiles read x rows of D
   int64_t g_size = 0;
   for (size_t c = 0; c < classes.size(); c += 6) {
     const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
@@ -399,9 +403,11 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
     for (int64_t b = 0; b < m; ++b)
       for (int64_t k = 0; k < parts; ++k) {
         tasks.push_back({(int64_t)c, b, bounds[k], bounds[k + 1], k, parts});
+        cost.push_back((row_start(bounds[k + 1], nt) - row_start(bounds[k], nt)) * R);
         part_off.push_back(part_off.back() + (parts > 1 ? R * lead(nt * T) : 0));
       }
   }
+  const std::vector<int64_t> order = costliest_first(cost);
   at::Tensor Q = at::empty({D.numel()}, D.options());
   at::Tensor G = at::empty({g_size}, D.options());
   at::Tensor scratch = at::zeros({part_off.back()}, D.options());
@@ -416,34 +422,28 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         if (add) for (int64_t j = 0; j < n; ++j) dst[r * n + j] += U[r * ld + j];
         else std::copy_n(U + r * ld, n, dst + r * n);
     };
-    std::vector<int64_t> cost;                      // multiply-adds: tiles read x rows of D
-    for (const Task& task : tasks)
-      cost.push_back((row_start(task.I1, num_tiles(classes[task.cls], T)) -
-                      row_start(task.I0, num_tiles(classes[task.cls], T))) * classes[task.cls + 1]);
     using Scratch = std::array<std::vector<scalar_t>, 2>;   // a thread's partial and padded D
-    run_dynamic<Scratch>(costliest_first(cost), [&](int64_t t, Scratch& scratch) {
+    run_dynamic<Scratch>(order, [&](int64_t t, Scratch& scratch) {
       auto& [local, dpad] = scratch;
-      {
-        const Task& task = tasks[t];
-        const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
-        const int64_t ld = lead(nt * T);
-        const scalar_t* db = d + classes[c + 3] + task.bundle * R * n;
-        dpad.resize(R * ld);                          // the bundle's D, rows padded to ld with zeros
-        for (int64_t r = 0; r < R; ++r) {
-          std::copy_n(db + r * n, n, dpad.data() + r * ld);
-          std::fill_n(dpad.data() + r * ld + n, ld - n, scalar_t(0));
-        }
-        scalar_t* U = part + part_off[t];
-        if (task.parts == 1) {
-          local.assign(R * ld, scalar_t(0));
-          U = local.data();
-        }
-        gram_task<scalar_t>(s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt, T,
-                            ld, task.I0, task.I1, U);
-        if (task.parts > 1) return;
-        crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
-        gram_dots<scalar_t>(R, n, U, ld, dpad.data(), ld, g + classes[c + 5] + task.bundle * R * R);  // G = Q D^T
+      const Task& task = tasks[t];
+      const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
+      const int64_t ld = lead(nt * T);
+      const scalar_t* db = d + classes[c + 3] + task.bundle * R * n;
+      dpad.resize(R * ld);                          // the bundle's D, rows padded to ld with zeros
+      for (int64_t r = 0; r < R; ++r) {
+        std::copy_n(db + r * n, n, dpad.data() + r * ld);
+        std::fill_n(dpad.data() + r * ld + n, ld - n, scalar_t(0));
       }
+      scalar_t* U = part + part_off[t];
+      if (task.parts == 1) {
+        local.assign(R * ld, scalar_t(0));
+        U = local.data();
+      }
+      gram_task<scalar_t>(s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt, T,
+                          ld, task.I0, task.I1, U);
+      if (task.parts > 1) return;
+      crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
+      gram_dots<scalar_t>(R, n, U, ld, dpad.data(), ld, g + classes[c + 5] + task.bundle * R * R);  // G = Q D^T
     });
     // bundles split over several tasks: Q = sum over chunks of U, in chunk order, cropped to n
     std::vector<int64_t> first;
@@ -512,16 +512,19 @@ std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const a
   }
   constexpr int64_t COLS = 512;
   std::vector<std::array<int64_t, 3>> work;             // (class offset, bundle, first column)
+  std::vector<int64_t> cost;                            // multiply-adds: R x R times R x cols
   for (size_t c = 0; c < classes.size(); c += 6)
     for (int64_t b = 0; b < classes[c + 2]; ++b)
-      for (int64_t j = 0; j < classes[c]; j += COLS) work.push_back({(int64_t)c, b, j});
+      for (int64_t j = 0; j < classes[c]; j += COLS) {
+        work.push_back({(int64_t)c, b, j});
+        cost.push_back(classes[c + 1] * classes[c + 1] * std::min(COLS, classes[c] - j));
+      }
+  const std::vector<int64_t> order = costliest_first(cost);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "packed_gram_quad_grad", [&] {
     const scalar_t* w = Wsym.data_ptr<scalar_t>();
     const scalar_t* q = Q.data_ptr<scalar_t>();
     scalar_t* out = dD.data_ptr<scalar_t>();
-    std::vector<int64_t> cost;                      // multiply-adds: R x R times R x cols
-    for (const auto& [c, b, j] : work) cost.push_back(classes[c + 1] * classes[c + 1] * std::min(COLS, classes[c] - j));
-    run_dynamic<bool>(costliest_first(cost), [&](int64_t i, bool&) {
+    run_dynamic(order, [&](int64_t i) {
       const int64_t c = work[i][0], b = work[i][1], j = work[i][2];
       const int64_t n = classes[c], R = classes[c + 1], cols = std::min(COLS, n - j);
       const int64_t off = classes[c + 3] + b * R * n + j;

@@ -301,8 +301,8 @@ def test_cpp_results_are_bitwise_identical_run_to_run_and_across_threads(cpp_ops
         for t in (threads, threads, 1):
             torch.set_num_threads(t)
             G, Q = cpp_ops.packed_gram(D, packed, pflat, 32)
-            v, dD = cpp_ops.packed_gram_quad(D, packed, pflat, 32, *quad_problem(classes, True, 99,
-                                                                                               torch.float32), True)
+            weights = quad_problem(classes, True, 99, torch.float32)
+            v, dD = cpp_ops.packed_gram_quad(D, packed, pflat, 32, *weights, True)
             P = torch.zeros(packed_numel(300, 32))
             cpp_ops.packed_cov_update_(P, X, mask, 0.5, 32)
             outs.append((G, Q, v, dD, P))
