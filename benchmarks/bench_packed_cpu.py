@@ -66,7 +66,7 @@ def penalty_rows(n, ranks, variants, adapters, min_time, gen):
                 fns.append(with_backend("torch", step(packed)))
             t_dense, t_cpp, *t_ref = interleaved_medians(fns, min_time)
             t_ref = t_ref[0] if t_ref else None
-            flops = 2 * adapters * 2 * (2 * r if variant == "wkfac" else r) * n * n   # D S on every factor
+            flops = 2 * adapters * 2 * r * n * n   # D S on every factor (r rows per adapter, wkfac too)
             rows.append({"n": n, "r": r, "variant": variant, "adapters": adapters,
                          "dense_torch_ms": round(t_dense * 1e3, 2), "packed_cpp_ms": round(t_cpp * 1e3, 2),
                          "packed_torch_ms": None if t_ref is None else round(t_ref * 1e3, 2),

@@ -464,51 +464,32 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
 }
 
 // ---- the penalty epilogue behind the grouped product ----------------------------------------------
-//   v = 1/2 <C, G> + 1/2 sum_e coef_e G[a_e] G[b_e],   W = dv/dG,   dD_k = (W_k + W_k^T) Q_k
-// C (laid out like G, or empty) holds the kfac/tri weights; the links (a_e, b_e, coef_e) pair the
-// entries of wkfac's A-side and B-side blocks. Sums run in a fixed order, in double.
+//   v = 1/2 <C, G>,   W = dv/dG = C / 2,   dD_k = (W_k + W_k^T) Q_k
+// C (laid out like G) holds the kfac/tri weights. The sum runs in a fixed order, in double.
 std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const at::Tensor& arena,
                                                     at::IntArrayRef classes, int64_t tile, const at::Tensor& C_in,
-                                                    const at::Tensor& idx_a_in, const at::Tensor& idx_b_in,
-                                                    const at::Tensor& coef_in, bool grad) {
+                                                    bool grad) {
   auto [G, Q] = packed_gram(D, arena, classes, tile);
-  const int64_t g = G.numel(), E = idx_a_in.numel();
-  TORCH_CHECK(C_in.numel() == 0 || C_in.numel() == g, "C has ", C_in.numel(), " numbers; it must be empty or hold ",
-              g, " (one per entry of G)");
-  TORCH_CHECK(idx_b_in.numel() == E && coef_in.numel() == E, "idx_a, idx_b and coef must have equal lengths, got ",
-              E, ", ", idx_b_in.numel(), " and ", coef_in.numel());
-  const at::Tensor C = C_in.to(G.scalar_type()).contiguous(), coef = coef_in.to(G.scalar_type()).contiguous();
-  const at::Tensor ia = idx_a_in.to(at::kLong).contiguous(), ib = idx_b_in.to(at::kLong).contiguous();
+  const int64_t g = G.numel();
+  TORCH_CHECK(C_in.numel() == g, "C has ", C_in.numel(), " numbers; it must hold ", g, " (one per entry of G)");
+  const at::Tensor C = C_in.to(G.scalar_type()).contiguous();
   at::Tensor value = at::empty({}, G.options());
-  at::Tensor W = at::zeros_like(G);
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "packed_gram_quad", [&] {
     const scalar_t* gp = G.data_ptr<scalar_t>();
-    scalar_t* w = W.data_ptr<scalar_t>();
+    const scalar_t* c = C.data_ptr<scalar_t>();
     double v = 0;
-    if (C.numel()) {
-      const scalar_t* c = C.data_ptr<scalar_t>();
-      for (int64_t j = 0; j < g; ++j) { v += double(c[j]) * gp[j]; w[j] = scalar_t(0.5) * c[j]; }
-    }
-    const int64_t* a = ia.data_ptr<int64_t>();
-    const int64_t* b = ib.data_ptr<int64_t>();
-    const scalar_t* k = coef.data_ptr<scalar_t>();
-    for (int64_t e = 0; e < E; ++e) {
-      TORCH_CHECK(a[e] >= 0 && a[e] < g && b[e] >= 0 && b[e] < g, "link ", e, " points outside G (", g, " entries)");
-      v += double(k[e]) * gp[a[e]] * gp[b[e]];
-      w[a[e]] += scalar_t(0.5) * k[e] * gp[b[e]];
-      w[b[e]] += scalar_t(0.5) * k[e] * gp[a[e]];
-    }
+    for (int64_t j = 0; j < g; ++j) v += double(c[j]) * gp[j];
     value.fill_(0.5 * v);
   });
   if (!grad) return {value, at::empty({0}, G.options())};
   // dD_k = (W_k + W_k^T) Q_k, in tasks of (bundle, 512 columns)
   at::Tensor dD = at::empty_like(Q);                   // zeroed by its tasks, in parallel
-  at::Tensor Wsym = at::empty_like(W);                 // W_k + W_k^T per bundle
+  at::Tensor Wsym = at::empty_like(G);                 // W_k + W_k^T = (C_k + C_k^T) / 2 per bundle
   for (size_t c = 0; c < classes.size(); c += 6) {
     const int64_t R = classes[c + 1], m = classes[c + 2];
-    const at::Tensor Wc = W.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
+    const at::Tensor Cc = C.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
     at::Tensor out = Wsym.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
-    at::add_out(out, Wc, Wc.transpose(1, 2));
+    at::add_out(out, Cc, Cc.transpose(1, 2)).mul_(0.5);
   }
   constexpr int64_t COLS = 512;
   std::vector<std::array<int64_t, 3>> work;             // (class offset, bundle, first column)
@@ -540,8 +521,7 @@ std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const a
 TORCH_LIBRARY(lalora_cpp, m) {
   m.def("packed_cov_update_(Tensor(a!) P, Tensor X, Tensor? mask, float weight, int tile) -> ()");
   m.def("packed_gram(Tensor D, Tensor arena, int[] classes, int tile) -> (Tensor, Tensor)");
-  m.def("packed_gram_quad(Tensor D, Tensor arena, int[] classes, int tile, Tensor C, Tensor idx_a, Tensor idx_b, "
-        "Tensor coef, bool grad) -> (Tensor, Tensor)");
+  m.def("packed_gram_quad(Tensor D, Tensor arena, int[] classes, int tile, Tensor C, bool grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lalora_cpp, CPU, m) {

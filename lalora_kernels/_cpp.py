@@ -40,7 +40,7 @@ def _register_fakes() -> None:
         return gram_outputs_like(D, arena, classes)
 
     @torch.library.register_fake("lalora_cpp::packed_gram_quad")
-    def _(D, arena, classes, tile, C, idx_a, idx_b, coef, grad):
+    def _(D, arena, classes, tile, C, grad):
         return gram_outputs_like(D, arena, classes, grad)
 
 

@@ -4,8 +4,8 @@
   ``Sx`` is read once (``D_a = [dA_q; dA_k; dA_v]``). Bundles with the same (in_features, rank,
   members) form a *class*; every class of both sides goes into one ``grouped_gram`` call.
 * B side: each ``Sg`` serves one adapter; adapters with the same (out_features, rank) form a class.
-* Cross terms and ``wkfac`` pair an adapter's A-side result with its B-side one: both sides emit
-  per-adapter ``r x r`` blocks, which are aligned through index tensors per rank.
+* tri's cross terms and ``wkfac`` pair an adapter's A-side result with its B-side one: both sides
+  emit per-adapter ``r x r`` blocks, which are aligned through index tensors per rank.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def _side_classes(curv: LoRACurvature, use_a: dict[str, bool], use_b: dict[str, 
 
 
 def plan_sides(curv: LoRACurvature) -> tuple[list[SideClass], list[SideClass]]:
-    """A-side and B-side classes for a Kronecker variant (kfac, tri, wkfac)."""
+    """A-side and B-side classes for a Kronecker variant (kfac, tri, wkfac; wkfac uses both sides of
+    every adapter)."""
     full = curv.variant == "wkfac"
     use_a = {n: full or a.has_sx for n, a in curv.adapters.items()}
     use_b = {n: full or a.has_sg for n, a in curv.adapters.items()}

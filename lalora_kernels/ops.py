@@ -7,7 +7,7 @@
 | ``diag_quad`` | ``v = 1/2 sum F * D^2`` and ``FD = F * D`` (differentiable in D: ``dD = dv FD``) | F, D same shape; F fp32/fp64; D any float |
 | ``packed_cov_update_`` | ``cov_update_`` on a tile-packed S (``reference.packed``), n = X.shape[-1] | P (packed_numel(n, tile),) fp32/fp64 |
 | ``grouped_gram`` | per item k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum R_k n_k,) any float; arena flat fp32/fp64, factors dense (tile = 0) or tile-packed; tables from ``grouping.GramLayout`` |
-| ``grouped_gram_quad`` | ``v = 1/2 <C, G> + 1/2 sum_e coef_e G[idx_a_e] G[idx_b_e]`` on ``grouped_gram``'s G, and ``dD = dv/dD`` (returned, and used by the backward) | as ``grouped_gram``; C like G or empty; idx_a, idx_b (E,) int64; coef (E,); grad: bool (False: dD empty) |
+| ``grouped_gram_quad`` | ``v = 1/2 <C, G>`` on ``grouped_gram``'s G, and ``dD = dv/dD`` (returned, and used by the backward) | as ``grouped_gram``; C like G; grad: bool (False: dD empty) |
 
 Backends: the pure-PyTorch reference (any device, the oracle), the C++ CPU kernels of ``csrc/``
 (``_C``: the packed ops) and Triton (``lalora_kernels.triton``). With ``LALORA_BACKEND`` unset
@@ -142,13 +142,12 @@ def grouped_gram(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: T
 
 @_define("lalora::grouped_gram_quad", mutates_args=())
 def grouped_gram_quad(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
-                      classes: list[int], tile: int, C: Tensor, idx_a: Tensor, idx_b: Tensor, coef: Tensor,
-                      grad: bool) -> tuple[Tensor, Tensor]:
+                      classes: list[int], tile: int, C: Tensor, grad: bool) -> tuple[Tensor, Tensor]:
     kernel = _kernel_for(D, arena, cpp=tile > 0)
     if kernel == "cpp":
-        return torch.ops.lalora_cpp.packed_gram_quad(D, arena, classes, tile, C, idx_a, idx_b, coef, grad)
+        return torch.ops.lalora_cpp.packed_gram_quad(D, arena, classes, tile, C, grad)
     G, Q = _gram(kernel, D, arena, items, work, pairs, plan, classes, tile)
-    return reference.gram_quad(G, Q, classes, C, idx_a, idx_b, coef, grad)
+    return reference.gram_quad(G, Q, classes, C, grad)
 
 
 def _gram(kernel: str, D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
@@ -205,7 +204,7 @@ if not HAS_TRITON:
         return reference.gram_outputs_like(D, arena, classes)
 
     @grouped_gram_quad.register_fake
-    def _(D, arena, items, work, pairs, plan, classes, tile, C, idx_a, idx_b, coef, grad):
+    def _(D, arena, items, work, pairs, plan, classes, tile, C, grad):
         return reference.gram_outputs_like(D, arena, classes, grad)
 
 
@@ -230,7 +229,7 @@ grouped_gram.register_autograd(_grouped_gram_backward, setup_context=_grouped_gr
 
 
 def _gram_quad_setup(ctx, inputs, output):
-    ctx.d_dtype, ctx.grad = inputs[0].dtype, inputs[12]
+    ctx.d_dtype, ctx.grad = inputs[0].dtype, inputs[9]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -238,11 +237,11 @@ def _gram_quad_setup(ctx, inputs, output):
 
 def _gram_quad_backward(ctx, dv, ddD):
     if dv is None:
-        return (None,) * 13
+        return (None,) * 10
     if not ctx.grad:
         raise RuntimeError("grouped_gram_quad was called with grad=False; pass grad=True to differentiate it")
     (dD,) = ctx.saved_tensors
-    return ((dv * dD).to(ctx.d_dtype),) + (None,) * 12
+    return ((dv * dD).to(ctx.d_dtype),) + (None,) * 9
 
 
 grouped_gram_quad.register_autograd(_gram_quad_backward, setup_context=_gram_quad_setup)

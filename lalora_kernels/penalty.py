@@ -4,10 +4,12 @@ the functional drop-in ``fused_laplace_penalty``.
     R = sum over adapters of  lam/c * R_F(dA, dB)  +  delta/2 ||dtheta||^2      (SPEC section 4)
 
 with ``c`` the ``mean_diag`` normalisation constant (1 when ``normalize=None``). Every read of a
-big factor happens in one ``lalora::grouped_gram_quad`` call over all bundles of the model (factors
-in one flat arena, see ``grouping``), which also applies the epilogue (value and the gradient of the
-bundle deltas; C++ for packed factors on the CPU); only tri's cross blocks, O((o + i) r^2) per adapter,
-run outside it. The gradient never reads a factor again.
+big factor happens in one call over all bundles of the model (factors in one flat arena, see
+``grouping``), with ``r`` rows per adapter and side for every Kronecker variant: for kfac/tri
+``lalora::grouped_gram_quad``, which also applies the epilogue (value and the gradient of the bundle
+deltas; C++ for packed factors on the CPU); for wkfac ``lalora::grouped_gram``, whose Grams feed
+wkfac's epilogue. tri's cross blocks and wkfac's epilogue, O((o + i) r^2) per adapter, are small
+batched torch ops. The gradient never reads a factor again.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from .curvature import AdapterInfo, LoRACurvature
 from .grouping import GramLayout, plan_sides, side_order
 from .lora_layers import find_lora_layers
+from .reference.gram import class_views
 
 NORMALIZE = (None, "mean_diag")
 
@@ -72,7 +75,6 @@ class LaplacePenalty(nn.Module):
 
     def _build(self, curv: LoRACurvature) -> None:
         get = curv.get
-        self.idx_A, self.idx_B = [], []
         self._buf("anchor_A", torch.cat([get("A0", n).reshape(-1).to(self._dtype) for n in self.names]))
         self._buf("anchor_B", torch.cat([get("B0", n).reshape(-1).to(self._dtype) for n in self.names]))
         if self.variant == "diag":        # classes of same-shaped FA (resp. FB), stacked
@@ -90,10 +92,9 @@ class LaplacePenalty(nn.Module):
             return
         self.a_classes, self.b_classes = plan_sides(curv)
         tri, wk = self.variant == "tri", self.variant == "wkfac"
-        q = 2 if wk else 1          # rows per adapter: [A; dA] / [dB, B*]^T for wkfac
         self.tile = curv.tile if curv.layout == "packed" else 0
-        layout = GramLayout([(c.dim, c.per * q * c.rank, len(c.factor_keys))
-                             for c in self.a_classes + self.b_classes], tile=self.tile)
+        layout = GramLayout([(c.dim, c.per * c.rank, len(c.factor_keys)) for c in self.a_classes + self.b_classes],
+                            tile=self.tile)
         self._adopt(curv, layout, [k for c in self.a_classes + self.b_classes for k in c.factor_keys])
         items, work, pairs, self.plan = layout.tables()
         for name, table in (("items", items), ("work", work), ("pairs", pairs)):
@@ -107,45 +108,58 @@ class LaplacePenalty(nn.Module):
             self._stack(f"b{j}_B0", [get("B0", n) for n in c.names])
             if tri:
                 self._stack(f"b{j}_K", [self._k(get("Kb", n), (c.dim, c.rank)) for n in c.names])
-        self._epilogue(curv, layout, q)
-        # tri's cross blocks: pairing of A-side and B-side per-adapter r x r products, per rank
+        blocks = self._blocks(layout)
+        anchor_G = self._wkfac_constants() if wk else None
+        if not wk:      # grouped_gram_quad's weights: coef * Cbb on A-side blocks, coef * Caa on B-side ones
+            C = torch.zeros(layout.g_size, dtype=self._dtype)
+            for (side, n), idx in blocks.items():
+                C[idx] = self._coef[n] * curv.get("Cbb" if side == "A" else "Caa", n).to(self._dtype)
+            self._buf("quad_C", C)
+        # per rank, the pairing of each adapter's A-side and B-side r x r blocks (tri's cross term, wkfac)
         self.rank_pairs = []
         a_order, b_order = side_order(self.a_classes), side_order(self.b_classes)
-        for r in sorted(set(a_order) & set(b_order)) if tri else ():
+        for r in sorted(set(a_order) & set(b_order)) if tri or wk else ():
             both = [n for n in a_order[r] if n in set(b_order[r])]
             if not both:
                 continue
             ia = torch.tensor([a_order[r].index(n) for n in both])
             ib = torch.tensor([b_order[r].index(n) for n in both])
             coef = torch.tensor([self._coef[n] for n in both], dtype=self._dtype)
-            self.rank_pairs.append((r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib),
-                               self._buf(f"pair{r}_coef", coef)))
+            pair = [r, self._buf(f"pair{r}_ia", ia), self._buf(f"pair{r}_ib", ib), self._buf(f"pair{r}_coef", coef)]
+            if wk:      # each adapter's diagonal block of G on either side, and its anchor Grams
+                ga = torch.stack([blocks["A", n] for n in both])
+                gb = torch.stack([blocks["B", n] for n in both])
+                pair += [self._buf(f"pair{r}_ga", ga.reshape(-1)), self._buf(f"pair{r}_gb", gb.reshape(-1)),
+                         self._buf(f"pair{r}_Caa", anchor_G[ga]), self._buf(f"pair{r}_Cbb", anchor_G[gb])]
+            self.rank_pairs.append(tuple(pair))
 
-    def _epilogue(self, curv: LoRACurvature, layout: GramLayout, q: int) -> None:
-        """Weights of ``lalora::grouped_gram_quad`` on the bundle Grams G: for kfac/tri, C holds
-        ``coef * Cbb`` (A side) and ``coef * Caa`` (B side) on each adapter's diagonal block; for
-        wkfac, links pair each entry of an adapter's A-side block ``V Sx V^T`` with the same entry of
-        its B-side block ``U^T Sg U``, so that R = 1/2 coef <V Sx V^T, U^T Sg U>."""
-        blocks: dict[tuple[str, str], Tensor] = {}     # (side, name) -> flat G indices of its block
+    def _blocks(self, layout: GramLayout) -> dict[tuple[str, str], Tensor]:
+        """(side, adapter name) -> flat indices into G of the adapter's (r, r) diagonal block."""
+        blocks = {}
         for side, cs, first in (("A", self.a_classes, 0), ("B", self.b_classes, len(self.a_classes))):
             for j, c in enumerate(cs):
-                R, g_off, qr = layout.classes[first + j][1], layout.g_off[first + j], q * c.rank
-                square = torch.arange(qr)[:, None] * R + torch.arange(qr)
+                R, g_off, r = layout.classes[first + j][1], layout.g_off[first + j], c.rank
+                square = torch.arange(r)[:, None] * R + torch.arange(r)
                 for k, n in enumerate(c.names):
                     b, p = divmod(k, c.per)
-                    blocks[side, n] = (g_off + b * R * R + p * qr * (R + 1) + square).reshape(-1)
-        C = torch.zeros(layout.g_size if q == 1 else 0, dtype=self._dtype)
-        links, coefs = [], []
-        for (side, n), idx in blocks.items():
-            if q == 1:
-                C[idx] = self._coef[n] * curv.get("Cbb" if side == "A" else "Caa", n).to(self._dtype).reshape(-1)
-            elif side == "A":
-                links.append((idx, blocks["B", n]))
-                coefs.append(torch.full((idx.numel(),), self._coef[n], dtype=self._dtype))
-        self._buf("quad_C", C)
-        self._buf("link_a", torch.cat([a for a, _ in links]) if links else torch.zeros(0, dtype=torch.int64))
-        self._buf("link_b", torch.cat([b for _, b in links]) if links else torch.zeros(0, dtype=torch.int64))
-        self._buf("link_coef", torch.cat(coefs) if coefs else torch.zeros(0, dtype=self._dtype))
+                    blocks[side, n] = g_off + b * R * R + p * r * (R + 1) + square
+        return blocks
+
+    @torch.no_grad()
+    def _wkfac_constants(self) -> Tensor:
+        """wkfac's anchor products, from one ``grouped_gram`` over the arena with the anchors as rows:
+        stores ``Ka = A* Sx`` and ``Kb = Sg B*`` per adapter (stacked like tri's) and returns that G,
+        whose diagonal blocks are ``Caa = A* Sx A*^T`` and ``Cbb = B*^T Sg B*``."""
+        D0 = torch.cat([getattr(self, f"a{j}_A0").reshape(-1) for j in range(len(self.a_classes))]
+                       + [getattr(self, f"b{j}_B0").transpose(1, 2).reshape(-1) for j in range(len(self.b_classes))])
+        G0, Q0 = torch.ops.lalora.grouped_gram(D0, self.arena, self.items, self.work, self.pairs, self.plan,
+                                               self.classes, self.tile)
+        views = class_views(Q0, self.classes, "D")
+        for j, c in enumerate(self.a_classes):        # (bundles, per r, i) -> (adapters, r, i)
+            self._buf(f"a{j}_K", next(views).reshape(-1, c.rank, c.dim))
+        for j, c in enumerate(self.b_classes):        # (adapters, r, o) -> Kb (adapters, o, r)
+            self._buf(f"b{j}_K", next(views).transpose(1, 2))
+        return G0
 
     def _adopt(self, curv: LoRACurvature, layout: GramLayout, keys: list[str]) -> None:
         """Copy the big factors into one flat arena, in layout order, and point the curvature at
@@ -190,38 +204,61 @@ class LaplacePenalty(nn.Module):
         return value
 
     def _kron(self, A, B) -> Tensor:
-        wk, tri = self.variant == "wkfac", self.variant == "tri"
         Ds, dA, dB = [], [], []
         for j, c in enumerate(self.a_classes):
-            rows = torch.stack([A[self._pos[n]] for n in c.names]).to(self._dtype)   # (m, r, i)
-            d = rows - getattr(self, f"a{j}_A0")
-            dA.append(d)
-            # V = [A; dA]: with U = [dB, B*], U V = dB A + B* dA = dW, exact at the anchor
-            Ds.append(torch.cat([rows, d], dim=1) if wk else d)
+            d = torch.stack([A[self._pos[n]] for n in c.names]).to(self._dtype) - getattr(self, f"a{j}_A0")
+            dA.append(d)                                                                    # (m, r, i)
+            Ds.append(d)
         for j, c in enumerate(self.b_classes):
-            B0 = getattr(self, f"b{j}_B0")
-            d = torch.stack([B[self._pos[n]] for n in c.names]).to(self._dtype) - B0   # (m, o, r)
-            dB.append(d)
-            Ds.append((torch.cat([d, B0], dim=2) if wk else d).transpose(1, 2))
+            d = torch.stack([B[self._pos[n]] for n in c.names]).to(self._dtype) - getattr(self, f"b{j}_B0")
+            dB.append(d)                                                                    # (m, o, r)
+            Ds.append(d.transpose(1, 2))
         D = torch.cat([D.reshape(-1) for D in Ds])
-        value, _ = torch.ops.lalora.grouped_gram_quad(D, self.arena, self.items, self.work, self.pairs, self.plan,
-                                                      self.classes, self.tile, self.quad_C, self.link_a, self.link_b,
-                                                      self.link_coef, torch.is_grad_enabled() and D.requires_grad)
-        return value + self._cross(dA, dB) if tri else value
+        args = (D, self.arena, self.items, self.work, self.pairs, self.plan, self.classes, self.tile)
+        if self.variant == "wkfac":
+            return self._wkfac(torch.ops.lalora.grouped_gram(*args)[0], dA, dB)
+        value, _ = torch.ops.lalora.grouped_gram_quad(*args, self.quad_C, torch.is_grad_enabled() and D.requires_grad)
+        return value + self._cross(dA, dB) if self.variant == "tri" else value
 
-    def _cross(self, dA: list[Tensor], dB: list[Tensor]) -> Tensor:
-        """tri's cross blocks: s^2 tr(Z_a Z_b) per adapter, Z_a = dA Ka^T, Z_b = dB^T Kb (r x r)."""
+    def _zs(self, dA: list[Tensor], dB: list[Tensor]) -> tuple[dict, dict]:
+        """Per rank, ``Z_a = dA Ka^T`` and ``Z_b = dB^T Kb`` (r x r per adapter) in side order."""
         za: dict[int, list[Tensor]] = {}
         zb: dict[int, list[Tensor]] = {}
         for j, c in enumerate(self.a_classes):
             za.setdefault(c.rank, []).append(dA[j] @ getattr(self, f"a{j}_K").transpose(1, 2))
         for j, c in enumerate(self.b_classes):
             zb.setdefault(c.rank, []).append(dB[j].transpose(1, 2) @ getattr(self, f"b{j}_K"))
+        return za, zb
+
+    def _cross(self, dA: list[Tensor], dB: list[Tensor]) -> Tensor:
+        """tri's cross blocks: s^2 tr(Z_a Z_b) per adapter."""
+        za, zb = self._zs(dA, dB)
         value = self.anchor_A.new_zeros(())
         for r, ia, ib, coef in self.rank_pairs:
             Xa = torch.cat(za[r]).index_select(0, getattr(self, ia))
             Xb = torch.cat(zb[r]).index_select(0, getattr(self, ib))
             value = value + (getattr(self, coef) * (Xa * Xb.transpose(1, 2)).sum((1, 2))).sum()
+        return value
+
+    def _wkfac(self, G: Tensor, dA: list[Tensor], dB: list[Tensor]) -> Tensor:
+        """wkfac from the kfac products alone (SPEC section 4, project note): per adapter, with
+        ``Gda = dA Sx dA^T``, ``Gdb = dB^T Sg dB`` (diagonal blocks of G), ``X = Z_a^T``, ``Y = Z_b``,
+
+            R / coef = 1/2 <A Sx A^T, Gdb> + <A Sx dA^T, Y> + 1/2 <Gda, Cbb>,
+            A Sx dA^T = X + Gda,   A Sx A^T = Caa + X + X^T + Gda,
+
+        i.e. ``1/2 <V Sx V^T, U^T Sg U>`` with ``U = [dB, B*]``, ``V = [A; dA]``, where the blocks
+        that involve only anchors are the constants ``Caa``, ``Cbb``, ``Ka``, ``Kb``."""
+        za, zb = self._zs(dA, dB)
+        value = self.anchor_A.new_zeros(())
+        for r, ia, ib, coef, ga, gb, caa, cbb in self.rank_pairs:
+            X = torch.cat(za[r]).index_select(0, getattr(self, ia)).transpose(1, 2)
+            Y = torch.cat(zb[r]).index_select(0, getattr(self, ib))
+            Gda, Gdb = G[getattr(self, ga)].view(-1, r, r), G[getattr(self, gb)].view(-1, r, r)
+            AdA = X + Gda
+            AA = getattr(self, caa) + AdA + X.transpose(1, 2)
+            per = 0.5 * (AA * Gdb).sum((1, 2)) + (AdA * Y).sum((1, 2)) + 0.5 * (Gda * getattr(self, cbb)).sum((1, 2))
+            value = value + (getattr(self, coef) * per).sum()
         return value
 
 

@@ -157,3 +157,18 @@ def test_fp32_accurate_close_to_anchor(variant):
     assert abs(float(value) - float(ref)) <= 1e-3 * float(ref)
     for k in range(len(LAYOUT)):
         torch.testing.assert_close(p["A"][k].grad.double(), gA[k], rtol=1e-3, atol=1e-3 * gA[k].abs().max())
+
+
+def test_wkfac_is_tri_plus_third_order():
+    """wkfac = tri + O(|dtheta|^3) (SPEC section 4, project note): both are the base layer's K-FAC
+    form, tri on the first-order weight change, so their difference shrinks 1000x per 10x in dtheta."""
+    p = _problem(zero_b=())
+    dirs = [torch.randn_like(a) for a in p["A0"]], [torch.randn_like(b) for b in p["B0"]]
+    gaps, values = [], []
+    for t in (1e-2, 1e-3):
+        q = dict(p, A=[a0 + t * d for a0, d in zip(p["A0"], dirs[0])], B=[b0 + t * d for b0, d in zip(p["B0"], dirs[1])])
+        wk, tri = _fused("wkfac", q, 1.0, 0.0), _fused("tri", q, 1.0, 0.0)
+        gaps.append(float(wk - tri))
+        values.append(float(tri))
+    assert 50 < values[0] / values[1] < 200          # both are second order in dtheta ...
+    assert 300 < abs(gaps[0] / gaps[1]) < 3000      # ... and differ at third order

@@ -64,22 +64,15 @@ def grouped_gram(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int], t
     return torch.cat(Gs), torch.cat(Qs)
 
 
-def gram_quad(G: torch.Tensor, Q: torch.Tensor, classes: Sequence[int], C: torch.Tensor,
-              idx_a: torch.Tensor, idx_b: torch.Tensor, coef: torch.Tensor, grad: bool = True
+def gram_quad(G: torch.Tensor, Q: torch.Tensor, classes: Sequence[int], C: torch.Tensor, grad: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The penalty epilogue on flat (G, Q) of ``grouped_gram`` (SPEC section 4):
+    """The kfac/tri penalty epilogue on flat (G, Q) of ``grouped_gram`` (SPEC section 4):
 
-        v = 1/2 <C, G> + 1/2 sum_e coef_e G[idx_a_e] G[idx_b_e],   dD_k = (W_k + W_k^T) Q_k,  W = dv/dG
+        v = 1/2 <C, G>,   dD_k = (W_k + W_k^T) Q_k,  W = dv/dG = C / 2
 
-    C: weights laid out like G (the kfac/tri blocks ``lam s^2 / c * Cbb`` or ``Caa``), or empty;
-    idx_a, idx_b (E,) int64 and coef (E,): element links between G entries (wkfac's
-    ``<V Sx V^T, U^T Sg U>``), or empty. Returns v (0-dim) and dD flat like D, or empty when not
-    ``grad``; both in G's dtype."""
-    C, coef, has_c = C.to(G.dtype), coef.to(G.dtype), C.numel() > 0
-    value = 0.5 * torch.dot(C, G) if has_c else G.new_zeros(())
-    W = 0.5 * C if has_c else torch.zeros_like(G)
-    if idx_a.numel():
-        ga, gb = G[idx_a], G[idx_b]
-        value = value + 0.5 * torch.dot(coef * ga, gb)
-        W = W.index_add(0, idx_a, 0.5 * coef * gb).index_add(0, idx_b, 0.5 * coef * ga)
-    return value, sym_grad(W, Q, classes) if grad else Q.new_empty(0)
+    C: weights laid out like G (the blocks ``lam s^2 / c * Cbb`` resp. ``Caa``). Returns v (0-dim)
+    and dD flat like D, or empty when not ``grad``; both in G's dtype."""
+    if C.numel() != G.numel():
+        raise ValueError(f"C has {C.numel()} numbers; it must hold {G.numel()} (one per entry of G)")
+    C = C.to(G.dtype)
+    return 0.5 * torch.dot(C, G), sym_grad(0.5 * C, Q, classes) if grad else Q.new_empty(0)
