@@ -133,12 +133,13 @@ def test_diag_quad_value_and_grad():
     torch.testing.assert_close(FD, F * D.detach())
 
 
-def test_compile_fullgraph_task_loss_plus_penalty():
+@pytest.mark.parametrize("variant", ["tri", "wkfac"])
+def test_compile_fullgraph_task_loss_plus_penalty(variant):
     from models import batches, tiny_llama
     model = tiny_llama(torch.float32, layers=1, targets=["q_proj", "v_proj", "down_proj"])
     model.eval()
     data = batches(n=1)
-    curv = estimate_curvature(model, data, variant="tri", progress=False)
+    curv = estimate_curvature(model, data, variant=variant, progress=False)
     reg = LaLoRARegularizer(curv, lam=3.0, prior_precision=0.1)
     with torch.no_grad():
         for n, p in model.named_parameters():
