@@ -9,9 +9,13 @@
   transpose of tile (J, I) below the diagonal (a transposed load, no copy). The Gram shares are
   added by the dense kernel's deterministic reduction.
 
-Traffic: storage and the update's writes are halved; the product reads an off-diagonal tile twice
-(once for each of its two column blocks), so per call it reads about as many bytes as the dense
-kernel. A single-read version needs partial sums across programs (see docs/SPEC.md).
+Traffic: storage and the update's writes are halved; the product loads an off-diagonal tile twice
+(once for each of its two column blocks), so per call it issues about as many loads as the dense
+kernel. The programs walk their columns in anti-diagonal order (step k of column J reads tile row
+k - J mod nt), so the two programs that need a tile load it in the same step and, when both run at
+once, the second load can be served by L2: that is meant to bring the bytes read from memory
+towards the packed size, and is unmeasured until a GPU run. A strict single-read version needs
+partial sums across programs.
 """
 from __future__ import annotations
 
@@ -103,7 +107,10 @@ def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
     rj = tj * T + tl.arange(0, T)
     loc = tl.arange(0, T)
     q = tl.zeros((BLOCK_R, T), dtype=tl.float32)
-    for ti in range(0, nt):
+    for k in range(0, nt):
+        # anti-diagonal order: at step k, column tj reads tile row ti = k - tj (mod nt), and column ti
+        # reads tile row tj, so the two programs that need a stored tile load it in the same step
+        ti = (k - tj + nt) % nt
         rk = ti * T + loc
         d = tl.load(D + d_off + rr[:, None] * n + rk[None, :],
                     mask=(rr[:, None] < R) & (rk[None, :] < n), other=0.0)
