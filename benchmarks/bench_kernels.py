@@ -131,6 +131,9 @@ def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
                          "packed_ms": round(times["packed"], 3),
                          "packed_GB": round(curv.memory_bytes() / 1e9, 2),
                          "packed_bytes_ratio": round(curv.memory_bytes() / nbytes, 3),
+                         # against the packed floor (packed bytes read once): 2x if every tile came
+                         # from memory twice, toward 1x as the second loads hit L2
+                         "packed_x_floor": round(times["packed"] / (curv.memory_bytes() / ceil["copy_GBps"] / 1e6), 2),
                          "packed_vs_dense": round(times["triton"] / times["packed"], 2)})
             print(rows[-1], flush=True)
             curv = pen = A = B = refs = None   # free this set before building the next
