@@ -3,7 +3,8 @@
 Side by side in one run, for n in {1024, 2048, 4096} and r in {8, 16, 64}:
 * penalty: ``LaplacePenalty`` value + gradients (forward + backward) over as many adapters with
   in = out = n (each reads its own Sx and Sg) as make ``--dense-mib`` of dense factors, far more than
-  the last-level cache (as the factors of a whole model are), packed on C++ vs dense on the reference;
+  the last-level cache (as the factors of a whole model are), packed on C++ (fp32, and bf16 factors
+  with fp32 products) vs dense on the reference;
 * accumulation: ``lalora::packed_cov_update_`` (C++) vs ``torch.addmm_(S, X.T, X)`` on the dense
   factor, N tokens of fp32 rows;
 * bytes: packed / dense factor storage;
@@ -56,25 +57,32 @@ def penalty_rows(n, ranks, variants, adapters, min_time, gen):
             kw = dict(variant=variant, scaling=[2.0] * adapters, Sx=Sx, sx_index=list(range(adapters)), Sg=Sg)
             dense = LaplacePenalty(LoRACurvature.from_tensors(A0, B0, **kw), lam=1.0)
             packed = LaplacePenalty(LoRACurvature.from_tensors(A0, B0, **kw).to_layout("packed", TILE), lam=1.0)
+            half = LaplacePenalty(LoRACurvature.from_tensors(A0, B0, **kw).to(dtype=torch.bfloat16)
+                                  .to_layout("packed", TILE), lam=1.0)
             step = lambda pen: (lambda: torch.autograd.grad(pen(A, B), A + B))  # noqa: E731
             values = {}                     # the same value on both paths before timing
             with_backend("torch", lambda: values.setdefault("dense", dense(A, B).detach()))()
             with_backend("cpp", lambda: values.setdefault("packed", packed(A, B).detach()))()
+            with_backend("cpp", lambda: values.setdefault("bf16", half(A, B).detach()))()
             torch.testing.assert_close(values["packed"], values["dense"], rtol=1e-4, atol=1e-6)
-            fns = [with_backend("torch", step(dense)), with_backend("cpp", step(packed))]
+            torch.testing.assert_close(values["bf16"], values["dense"], rtol=1e-2, atol=1e-6)
+            fns = [with_backend("torch", step(dense)), with_backend("cpp", step(packed)),
+                   with_backend("cpp", step(half))]
             if r == ranks[0]:
                 fns.append(with_backend("torch", step(packed)))
-            t_dense, t_cpp, *t_ref = interleaved_medians(fns, min_time)
+            t_dense, t_cpp, t_half, *t_ref = interleaved_medians(fns, min_time)
             t_ref = t_ref[0] if t_ref else None
             flops = 2 * adapters * 2 * r * n * n   # D S on every factor (r rows per adapter, wkfac too)
             rows.append({"n": n, "r": r, "variant": variant, "adapters": adapters,
                          "dense_torch_ms": round(t_dense * 1e3, 2), "packed_cpp_ms": round(t_cpp * 1e3, 2),
                          "packed_torch_ms": None if t_ref is None else round(t_ref * 1e3, 2),
                          "speedup": round(t_dense / t_cpp, 2),
+                         "packed_bf16_cpp_ms": round(t_half * 1e3, 2), "speedup_bf16": round(t_dense / t_half, 2),
                          "dense_GFLOPs": round(flops / t_dense / 1e9, 1),
                          "packed_GFLOPs": round(flops / t_cpp / 1e9, 1),
                          "factor_MiB_dense": round(dense.arena.numel() * 4 / 2**20, 2),
-                         "factor_MiB_packed": round(packed.arena.numel() * 4 / 2**20, 2)})
+                         "factor_MiB_packed": round(packed.arena.numel() * 4 / 2**20, 2),
+                         "factor_MiB_packed_bf16": round(half.arena.numel() * 2 / 2**20, 2)})
             print(rows[-1], flush=True)
     return rows
 
@@ -117,8 +125,8 @@ def main():
     print("ceilings:", ceilings)
     path = write("cpu_packed.json", pen, out=args.out, config=vars(args), tile=TILE, accumulate=acc,
                  ceilings=ceilings,
-                 what="penalty: forward+backward median seconds, packed on C++ vs dense on the torch "
-                      "reference, timed in alternation; GFLOPs counts the products D S (2 R n^2 per "
+                 what="penalty: forward+backward median seconds, packed on C++ (fp32; bf16 factors with "
+                      "fp32 products) vs dense on the torch reference, timed in alternation; GFLOPs counts the products D S (2 R n^2 per "
                       "factor), against the measured fp32 GEMM ceiling; accumulate: packed_cov_update_ "
                       "(C++) vs addmm_ on the dense factor")
     print(table(pen, list(pen[0])))

@@ -343,11 +343,27 @@ std::vector<int64_t> chunk_bounds(int64_t nt, int64_t parts) {
   return bounds;
 }
 
-// One task: U (R x ld, zeroed) += the products of tile rows [I0, I1) of the packed factor sp.
-template <typename scalar_t>
-void gram_task(const scalar_t* sp, const scalar_t* dp, int64_t R, int64_t nt, int64_t T, int64_t ld,
+// tt numbers of a tile in the compute type: bf16 widened to fp32 (its bits are fp32's upper half).
+template <typename scalar_t, typename storage_t>
+inline const scalar_t* widen(const storage_t* src, int64_t tt, scalar_t* buf) {
+  if constexpr (std::is_same_v<storage_t, scalar_t>) {
+    return src;
+  } else {
+    static_assert(std::is_same_v<scalar_t, float> && std::is_same_v<storage_t, at::BFloat16>);
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* out = reinterpret_cast<uint32_t*>(buf);
+    for (int64_t e = 0; e < tt; ++e) out[e] = uint32_t(bits[e]) << 16;
+    return buf;
+  }
+}
+
+// One task: U (R x ld, zeroed) += the products of tile rows [I0, I1) of the packed factor sp
+// (stored as storage_t: the compute type, or bf16 widened one tile at a time).
+template <typename scalar_t, typename storage_t>
+void gram_task(const storage_t* sp, const scalar_t* dp, int64_t R, int64_t nt, int64_t T, int64_t ld,
                int64_t I0, int64_t I1, scalar_t* U) {
   alignas(64) scalar_t St[64 * 64];                 // the transposed tile (T <= 64)
+  alignas(64) scalar_t Sw[64 * 64];                 // the tile widened from bf16
   // the partial U and the padded D (R x ld each) small enough for L2: storage order
   const bool linear = 2 * R * ld * (int64_t)sizeof(scalar_t) <= L2_BYTES;
   const int64_t cb = linear ? nt : CB;
@@ -361,9 +377,9 @@ void gram_task(const scalar_t* sp, const scalar_t* dp, int64_t R, int64_t nt, in
         // core's demand misses alone do not keep enough lines in flight to stream at memory speed
         const int64_t ahead = row + (J + PREFETCH - I) * tt;
         if (linear ? ahead < task_end : J + PREFETCH < Je)
-          for (int64_t o = 0; o < tt * (int64_t)sizeof(scalar_t); o += 64)
+          for (int64_t o = 0; o < tt * (int64_t)sizeof(storage_t); o += 64)
             __builtin_prefetch(reinterpret_cast<const char*>(sp + ahead) + o, 0, 1);
-        const scalar_t* tile = sp + row + (J - I) * tt;
+        const scalar_t* tile = widen<scalar_t>(sp + row + (J - I) * tt, tt, Sw);
         gemm<scalar_t>(R, T, T, dp + I * T, ld, tile, T, U + J * T, ld);         // U_J += D_I S_IJ
         if (J == I) continue;
         transpose_tile<scalar_t>(tile, St, T);
@@ -373,16 +389,28 @@ void gram_task(const scalar_t* sp, const scalar_t* dp, int64_t R, int64_t nt, in
   }
 }
 
+// gram_task on the factor at s_off of the arena, in its storage type (bf16 only with fp32 compute).
+template <typename scalar_t>
+void gram_task_on(const at::Tensor& arena, int64_t s_off, const scalar_t* dp, int64_t R, int64_t nt, int64_t T,
+                  int64_t ld, int64_t I0, int64_t I1, scalar_t* U) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (arena.scalar_type() == at::kBFloat16)
+      return gram_task<float, at::BFloat16>(arena.data_ptr<at::BFloat16>() + s_off, dp, R, nt, T, ld, I0, I1, U);
+  gram_task<scalar_t, scalar_t>(arena.data_ptr<scalar_t>() + s_off, dp, R, nt, T, ld, I0, I1, U);
+}
+
 std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at::Tensor& arena,
                                                at::IntArrayRef classes, int64_t tile) {
   check_tile(tile);
   TORCH_CHECK(tile <= 64, "packed_gram: tile=", tile, " is larger than the C++ kernels' 64");
   TORCH_CHECK(arena.device().is_cpu() && D_in.device().is_cpu(), "packed_gram: CPU tensors only");
   TORCH_CHECK(arena.dim() == 1 && arena.is_contiguous(), "arena must be a contiguous 1-D buffer");
-  TORCH_CHECK(arena.scalar_type() == at::kFloat || arena.scalar_type() == at::kDouble,
-              "arena must be float32 or float64, got ", arena.scalar_type());
+  const bool bf16 = arena.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(arena.scalar_type() == at::kFloat || arena.scalar_type() == at::kDouble || bf16,
+              "arena must be float32, float64 or bfloat16, got ", arena.scalar_type());
   TORCH_CHECK(classes.size() % 6 == 0, "classes must hold 6 numbers per class");
-  const at::Tensor D = D_in.to(arena.scalar_type()).contiguous();
+  // products run in fp64 for fp64 factors, else fp32 (bf16 factors are a storage format)
+  const at::Tensor D = D_in.to(bf16 ? at::kFloat : arena.scalar_type()).contiguous();
   const int64_t T = tile;
   struct Task { int64_t cls, bundle, I0, I1, part, parts; };
   std::vector<Task> tasks;
@@ -411,8 +439,7 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   at::Tensor Q = at::empty({D.numel()}, D.options());
   at::Tensor G = at::empty({g_size}, D.options());
   at::Tensor scratch = at::zeros({part_off.back()}, D.options());
-  AT_DISPATCH_FLOATING_TYPES(arena.scalar_type(), "packed_gram", [&] {
-    const scalar_t* s = arena.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "packed_gram", [&] {
     const scalar_t* d = D.data_ptr<scalar_t>();
     scalar_t* part = scratch.data_ptr<scalar_t>();
     scalar_t* q = Q.data_ptr<scalar_t>();
@@ -439,8 +466,8 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         local.assign(R * ld, scalar_t(0));
         U = local.data();
       }
-      gram_task<scalar_t>(s + classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt, T,
-                          ld, task.I0, task.I1, U);
+      gram_task_on<scalar_t>(arena, classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt,
+                             T, ld, task.I0, task.I1, U);
       if (task.parts > 1) return;
       crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
       gram_dots<scalar_t>(R, n, U, ld, dpad.data(), ld, g + classes[c + 5] + task.bundle * R * R);  // G = Q D^T

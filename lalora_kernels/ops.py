@@ -155,9 +155,9 @@ def _gram(kernel: str, D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pa
     if kernel == "triton":
         if tile:
             from .triton.packed import packed_gram
-            return packed_gram(D.to(arena.dtype), arena, items, work, pairs, plan, reference.gram_numel(classes), tile)
+            return packed_gram(D.float(), arena, items, work, pairs, plan, reference.gram_numel(classes), tile)
         from .triton.gram import grouped_gram as triton_kernel
-        return triton_kernel(D.to(arena.dtype), arena, items, work, pairs, plan, reference.gram_numel(classes))
+        return triton_kernel(D.float(), arena, items, work, pairs, plan, reference.gram_numel(classes))
     if kernel == "cpp":
         return torch.ops.lalora_cpp.packed_gram(D, arena, classes, tile)
     return reference.grouped_gram(D, arena, classes, tile)

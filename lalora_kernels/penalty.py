@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .curvature import AdapterInfo, LoRACurvature
 from .grouping import GramLayout, plan_sides, side_order
 from .lora_layers import find_lora_layers
-from .reference.gram import class_views
+from .reference.gram import class_views, compute_dtype
 
 NORMALIZE = (None, "mean_diag")
 
@@ -34,8 +34,9 @@ class LaplacePenalty(nn.Module):
     ``B[k]`` (o, r), any float dtype, on the device of this module's buffers.
 
     Construction copies the factors into one flat arena and re-points ``curvature``'s tensors at
-    views of it, so factor memory is not doubled. The arena keeps the curvature's layout: with
-    tile-packed factors every step reads about half the bytes. Moving this module with ``.to()`` moves the
+    views of it, so factor memory is not doubled. The arena keeps the curvature's layout and dtype:
+    with tile-packed factors every step reads about half the bytes, and bf16 factors
+    (``curvature.to(dtype=torch.bfloat16)``) halve them again; products then accumulate in fp32. Moving this module with ``.to()`` moves the
     buffers only; the curvature keeps the old views.
     """
 
@@ -57,7 +58,11 @@ class LaplacePenalty(nn.Module):
         self.names = list(curvature.adapters)
         self.infos: list[AdapterInfo] = list(curvature.adapters.values())
         self._pos = {n: k for k, n in enumerate(self.names)}
-        self._dtype = curvature.factor_dtype
+        stored = curvature.factor_dtype
+        if stored not in (torch.float32, torch.float64, torch.bfloat16):
+            raise ValueError(f"the curvature's factors are {stored}; the penalty takes float32, float64 or bfloat16 "
+                             "factors: convert with curvature.to(dtype=torch.float32)")
+        self._dtype = compute_dtype(stored)     # products and small tensors: fp32 for bf16 factors
         self._device = curvature.get("A0", self.names[0]).device    # where every buffer lives
         s2 = {n: (1.0 if self.variant == "diag" else a.scaling ** 2) for n, a in curvature.adapters.items()}
         self._coef = {n: self.lam * s2[n] / c for n in self.names}
@@ -86,7 +91,7 @@ class LaplacePenalty(nn.Module):
                         shapes.setdefault(tuple(get(f"F{side}", n).shape), []).append(n)
                 for j, names in enumerate(shapes.values()):
                     key = f"diag{side}{j}"
-                    self._stack(f"{key}_F", [self._coef[n] * get(f"F{side}", n) for n in names])
+                    self._stack(f"{key}_F", [self._coef[n] * get(f"F{side}", n).to(self._dtype) for n in names])
                     self._stack(f"{key}_0", [get(f"{side}0", n) for n in names])
                     self.diag_classes.append((side, key, [self._pos[n] for n in names]))
             return

@@ -274,6 +274,54 @@ def test_wrong_layout_shapes_rejected():
         curv.to_layout("tiled")
 
 
+# ---- bf16 factors: half the bytes again, products in fp32 ---------------------------------------
+def bf16_case(variant, layout, tile=8, device="cpu"):
+    """The penalty (value, grads) on bf16 factors and, in float64, on the same rounded factors;
+    plus the float64 value on the unrounded ones. Returns (penalty, value, grads, ref, ref_grads, exact)."""
+    p = _problem(zero_b=() if variant == "wkfac" else (2,))
+    kw = dict(variant=variant, scaling=p["scaling"], Sx=p["Sx"], sx_index=[j for *_, j in LAYOUT], Sg=p["Sg"])
+    if variant == "diag":
+        kw = dict(variant=variant, scaling=p["scaling"], FA=p["FA"], FB=p["FB"])
+    curves = [LoRACurvature.from_tensors(p["A0"], p["B0"], **kw) for _ in range(3)]
+    exact = curves[2].to(device)
+    c16 = curves[0].to(device, dtype=torch.bfloat16)
+    c64 = curves[1].to(device, dtype=torch.bfloat16).to(dtype=torch.float64)   # the rounded values, exactly
+    if layout == "packed" and variant != "diag":
+        for c in (c16, c64, exact):
+            c.to_layout("packed", tile)
+    outs = []
+    for curv, dtype in ((c16, torch.float32), (c64, torch.float64), (exact, torch.float64)):
+        A = [a.detach().to(device, dtype).requires_grad_() for a in p["A"]]
+        B = [b.detach().to(device, dtype).requires_grad_() for b in p["B"]]
+        pen = LaplacePenalty(curv, lam=1.3, prior_precision=0.2)
+        v = pen(A, B)
+        outs.append((pen, v, torch.autograd.grad(v, A + B)))
+    return outs[0][0], outs[0][1], outs[0][2], outs[1][1], outs[1][2], outs[2][1]
+
+
+@pytest.mark.parametrize("variant", ["kfac", "tri", "wkfac", "diag"])
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_bf16_factors_halve_bytes_and_compute_in_fp32(backend, variant, layout):
+    pen, v, grads, ref, ref_grads, exact = bf16_case(variant, layout)
+    if variant != "diag":
+        assert pen.arena.dtype == torch.bfloat16
+    assert v.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    # only fp32 rounding on top of the bf16 storage: tight against the rounded factors in float64 ...
+    torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+    # ... and within bf16's relative precision of the unrounded curvature
+    assert abs(float(v) - float(exact)) <= 1e-2 * abs(float(exact))
+
+
+def test_unsupported_factor_dtype_is_rejected():
+    p = _problem()
+    curv = LoRACurvature.from_tensors(p["A0"], p["B0"], variant="kfac", scaling=p["scaling"], Sx=p["Sx"],
+                                      sx_index=[j for *_, j in LAYOUT], Sg=p["Sg"]).to(dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16.*curvature.to\\(dtype=torch.float32\\)"):
+        LaplacePenalty(curv, lam=1.0)
+
+
 # ---- C++: determinism, fallback ----------------------------------------------------------------
 def test_cpp_results_are_bitwise_identical_run_to_run_and_across_threads(cpp_ops):
     classes = [(300, 16, 3), (1000, 8, 1), (64, 40, 2)]

@@ -223,3 +223,15 @@ def test_packed_penalty_on_triton_backend(monkeypatch, variant):
     for k in range(len(gA)):
         torch.testing.assert_close(A[k].grad.double().cpu(), gA[k], **TOL[torch.float32])
         torch.testing.assert_close(B[k].grad.double().cpu(), gB[k], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_bf16_factors_on_triton_backend(monkeypatch, layout):
+    """bf16 arena (dense and tile-packed) on Triton: bf16 loads widened to fp32 in the kernels."""
+    from test_packed import bf16_case
+    monkeypatch.setenv("LALORA_BACKEND", "triton")
+    pen, v, grads, ref, ref_grads, exact = bf16_case("wkfac", layout, tile=16, device=DEV)
+    assert pen.arena.dtype == torch.bfloat16 and v.dtype == torch.float32
+    assert rel_err(v.detach().cpu(), ref.cpu()) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g.cpu(), r.cpu()) < 1e-4

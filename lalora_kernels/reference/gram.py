@@ -14,10 +14,17 @@ import torch
 from .packed import packed_numel, packed_sym_gram
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products with factors stored in ``dtype`` run and return in: float64 for float64
+    factors, float32 otherwise (bf16 factors are a storage format; their products accumulate in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def sym_gram(D: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """G = D S D^T and Q = D S, batched. D: (b, R, n) any float dtype, S: (b, n, n) symmetric.
-    Returns G: (b, R, R) and Q: (b, R, n), both in S's dtype."""
-    D = D.to(S.dtype)
+    Returns G: (b, R, R) and Q: (b, R, n), both in ``compute_dtype(S.dtype)``."""
+    ct = compute_dtype(S.dtype)
+    D, S = D.to(ct), S.to(ct)
     Q = torch.bmm(D, S)
     return torch.bmm(Q, D.transpose(1, 2)), Q
 
@@ -40,9 +47,10 @@ def gram_numel(classes: Sequence[int]) -> int:
 def gram_outputs_like(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int], grad: Optional[bool] = None):
     """Empty outputs shaped like ``grouped_gram``'s (G, Q), or with ``grad`` given like
     ``grouped_gram_quad``'s (value, dD): the ops' fake (meta) implementations."""
+    ct = compute_dtype(arena.dtype)
     if grad is None:
-        return D.new_empty((gram_numel(classes),), dtype=arena.dtype), D.new_empty(D.shape, dtype=arena.dtype)
-    return D.new_empty((), dtype=arena.dtype), D.new_empty(D.shape if grad else (0,), dtype=arena.dtype)
+        return D.new_empty((gram_numel(classes),), dtype=ct), D.new_empty(D.shape, dtype=ct)
+    return D.new_empty((), dtype=ct), D.new_empty(D.shape if grad else (0,), dtype=ct)
 
 
 def sym_grad(W: torch.Tensor, Q: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:

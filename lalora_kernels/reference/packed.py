@@ -115,8 +115,9 @@ def packed_sym_gram(D: torch.Tensor, P: torch.Tensor, n: int, tile: int = TILE
     """G = D S D^T and Q = D S for a batch of packed factors, reading each stored tile once.
 
     D: (b, R, n) any float dtype; P: (b, packed_numel(n)) or a flat buffer of b packed factors.
-    Returns G (b, R, R) and Q (b, R, n) in P's dtype. Tile (I, J), I < J, adds D_I S_IJ to Q's
-    column block J and D_J S_IJ^T to block I; a diagonal tile adds D_I S_II once.
+    Returns G (b, R, R) and Q (b, R, n) in fp64 for fp64 factors, else fp32 (bf16 factors are
+    upcast one tile row at a time). Tile (I, J), I < J, adds D_I S_IJ to Q's column block J and
+    D_J S_IJ^T to block I; a diagonal tile adds D_I S_II once.
     """
     check_tile(tile)
     b, R = D.shape[0], D.shape[1]
@@ -124,13 +125,15 @@ def packed_sym_gram(D: torch.Tensor, P: torch.Tensor, n: int, tile: int = TILE
     tiles = P.reshape(b, -1, tile, tile)
     if tiles.shape[1] != nt * (nt + 1) // 2:
         raise ValueError(f"expected {b} packed factors of n={n}, tile={tile}; got {P.numel()} numbers")
-    Dp = torch.nn.functional.pad(D.to(P.dtype), (0, nt * tile - n)).view(b, R, nt, tile)
+    ct = torch.float64 if P.dtype == torch.float64 else torch.float32
+    D = D.to(ct)
+    Dp = torch.nn.functional.pad(D, (0, nt * tile - n)).view(b, R, nt, tile)
     Q = torch.zeros_like(Dp)
     for I in range(nt):
         start = tile_row_start(I, nt)
-        row = tiles[:, start:start + nt - I]                            # (b, nt-I, T, T)
+        row = tiles[:, start:start + nt - I].to(ct)                     # (b, nt-I, T, T)
         Q[:, :, I:] += torch.einsum("brt,bjts->brjs", Dp[:, :, I], row)
         if I + 1 < nt:
             Q[:, :, I] += torch.einsum("brjs,bjts->brt", Dp[:, :, I + 1:], row[:, 1:])
     Q = Q.reshape(b, R, nt * tile)[:, :, :n]
-    return torch.bmm(Q, D.to(P.dtype).transpose(1, 2)), Q.contiguous()
+    return torch.bmm(Q, D.transpose(1, 2)), Q.contiguous()

@@ -62,7 +62,7 @@ def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
         d = tl.load(D + d_off + rr[:, None] * n + rk[None, :],
                     mask=(rr[:, None] < R) & (rk[None, :] < n), other=0.0)
         s = tl.load(S + s_off + rk[:, None] * n + rj[None, :],
-                    mask=(rk[:, None] < n) & (rj[None, :] < n), other=0.0)
+                    mask=(rk[:, None] < n) & (rj[None, :] < n), other=0.0).to(tl.float32)
         q += tl.dot(d, s, input_precision=PRECISION)
     gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R, PRECISION)
 
@@ -92,8 +92,9 @@ def launch_buckets(panels_kernel, D: torch.Tensor, arena: torch.Tensor, items: t
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch of ``panels_kernel`` per row-block bucket of ``plan``, each followed by the
     deterministic reduction of its Gram shares; shared by the dense and packed launchers."""
-    if arena.dtype != torch.float32 or D.dtype != torch.float32:
-        raise ValueError(f"the Triton grouped product takes fp32 D and arena, got {D.dtype}, {arena.dtype}")
+    if arena.dtype not in (torch.float32, torch.bfloat16) or D.dtype != torch.float32:
+        raise ValueError(f"the Triton grouped product takes fp32 D and an fp32 or bf16 arena, got {D.dtype}, "
+                         f"{arena.dtype}")
     Q = torch.empty_like(D)
     G = torch.empty(g_size, dtype=torch.float32, device=D.device)
     for b in range(0, len(plan), 6):

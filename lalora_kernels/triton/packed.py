@@ -119,7 +119,7 @@ def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
         base = S + s_off + (lo * nt - lo * (lo - 1) // 2 + hi - lo).to(tl.int64) * T * T
         # element [k, j] of S(ti, tj): the stored tile above the diagonal, its transpose below
         offs = tl.where(ti <= tj, loc[:, None] * T + loc[None, :], loc[None, :] * T + loc[:, None])
-        q += tl.dot(d, tl.load(base + offs), input_precision=PRECISION)
+        q += tl.dot(d, tl.load(base + offs).to(tl.float32), input_precision=PRECISION)
     gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R, PRECISION)
 
 
