@@ -37,4 +37,5 @@ def test_kernel_benchmark_smoke(tmp_path):
     _run("bench_kernels.py", "--smoke", "--out", str(tmp_path), env={"TRITON_INTERPRET": "1"})
     res = json.loads((tmp_path / "kernels_smoke.json").read_text())
     assert res["accumulation"] and res["penalty"] and res["ceilings"]["copy_GBps"] > 0
-    assert all(r["packed_ms"] > 0 and r["packed_bytes_ratio"] < 0.8 and r["packed_x_floor"] > 0 for r in res["penalty"])
+    assert all(r["packed_ms"] > 0 and r["packed_bytes_ratio"] < 0.8 and r["packed_x_floor"] > 0
+               and r["packed_bf16_ms"] > 0 for r in res["penalty"])
