@@ -130,7 +130,8 @@ class LoRACurvature:
         dtypes = {t.dtype for k, t in tensors.items() if not k.startswith(("A0/", "B0/"))}
         if not dtypes <= {torch.float32, torch.float64} or len(dtypes) > 1:
             raise ValueError(f"curvature factors must all be float32 or all float64, got {dtypes}; "
-                             "cast them with .float()")
+                             "cast them with .float() (for bf16 storage, build in fp32, then "
+                             ".to(dtype=torch.bfloat16))")
         devices = {t.device for t in tensors.values()}
         if len(devices) > 1:
             raise ValueError(f"factors and anchors are on several devices {devices}; move them to one")

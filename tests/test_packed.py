@@ -314,6 +314,20 @@ def test_bf16_factors_halve_bytes_and_compute_in_fp32(backend, variant, layout):
     assert abs(float(v) - float(exact)) <= 1e-2 * abs(float(exact))
 
 
+def test_bf16_factors_save_and_load_as_bf16(tmp_path):
+    p = _problem()
+    curv = LoRACurvature.from_tensors(p["A0"], p["B0"], variant="tri", scaling=p["scaling"], Sx=p["Sx"],
+                                      sx_index=[j for *_, j in LAYOUT], Sg=p["Sg"]).to(dtype=torch.bfloat16)
+    curv.to_layout("packed", 8).save(tmp_path / "c.safetensors")
+    back = LoRACurvature.load(tmp_path / "c.safetensors")
+    assert (back.factor_dtype, back.layout) == (torch.bfloat16, "packed")
+    assert all(torch.equal(back.tensors[k], t) for k, t in curv.tensors.items())
+    assert back.get("A0", next(iter(back.adapters))).dtype == torch.float64      # anchors keep theirs
+    A = [a.detach().float() for a in p["A"]]
+    B = [b.detach().float() for b in p["B"]]
+    assert torch.equal(LaplacePenalty(back, lam=1.0)(A, B), LaplacePenalty(curv, lam=1.0)(A, B))
+
+
 def test_unsupported_factor_dtype_is_rejected():
     p = _problem()
     curv = LoRACurvature.from_tensors(p["A0"], p["B0"], variant="kfac", scaling=p["scaling"], Sx=p["Sx"],
