@@ -6,7 +6,7 @@
 | ``sqcov_update_`` | ``F += weight * (G*G)^T diag(mask) (X*X)`` (in place) | F (p, q) fp32/fp64; G (..., p); X (..., q) |
 | ``diag_quad`` | ``v = 1/2 sum F * D^2`` and ``FD = F * D`` (differentiable in D: ``dD = dv FD``) | F, D same shape; F fp32/fp64; D any float |
 | ``packed_cov_update_`` | ``cov_update_`` on a tile-packed S (``reference.packed``), n = X.shape[-1] | P (packed_numel(n, tile),) fp32/fp64 |
-| ``grouped_gram`` | per item k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum R_k n_k,) any float; arena flat fp32/fp64, factors dense (tile = 0) or tile-packed; tables from ``grouping.GramLayout`` |
+| ``grouped_gram`` | per item k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum R_k n_k,) any float; arena flat fp32/fp64/bf16 (bf16: products and outputs in fp32), factors dense (tile = 0) or tile-packed; tables from ``grouping.GramLayout`` |
 | ``grouped_gram_quad`` | ``v = 1/2 <C, G>`` on ``grouped_gram``'s G, and ``dD = dv/dD`` (returned, and used by the backward) | as ``grouped_gram``; C like G; grad: bool (False: dD empty) |
 
 Backends: the pure-PyTorch reference (any device, the oracle), the C++ CPU kernels of ``csrc/``

@@ -111,6 +111,7 @@ def test_opcheck_all_ops():
     torch.library.opcheck(ops.sqcov_update_, (torch.rand(5, 9), torch.randn(3, 4, 5), X, mask, 1.5))
     D, arena, tabs, plan, flat = gram_problem([(9, 3, 2), (4, 5, 1)])
     torch.library.opcheck(ops.grouped_gram, (D.requires_grad_(), arena, *tabs, plan, flat, 0))
+    torch.library.opcheck(ops.grouped_gram, (D, arena.bfloat16(), *tabs, plan, flat, 0))   # bf16 factors
     g = 9 * 2 + 25
     C = torch.randn(g)
     for tile in (0, 8):
