@@ -99,6 +99,9 @@ def adapter_set(dev, shape, r, layers):
 
 def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
     from lalora_kernels import LaplacePenalty
+
+    def floor_of(nbytes):           # ms to read nbytes once at the measured copy bandwidth
+        return nbytes / ceil["copy_GBps"] / 1e6
     rows = []
     for name, shape in shapes.items():
         layers = min(shape[3], layer_caps.get(name, shape[3]))
@@ -128,21 +131,21 @@ def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
             times["packed_bf16"] = bench(lambda: pen(A, B).backward())
             bf16_bytes = curv.memory_bytes()
             os.environ.pop("LALORA_BACKEND")
-            floor = nbytes / ceil["copy_GBps"] / 1e6
             rows.append({"model": name, "layers": layers, "r": r, "adapters": len(A),
                          "factor_GB": round(nbytes / 1e9, 2), "ours_ms": round(times["triton"], 3),
                          "torch_ref_ms": round(times["torch"], 3), "loop_ms": round(times["loop"], 3),
-                         "floor_ms": round(floor, 3), "x_floor": round(times["triton"] / floor, 2),
+                         "floor_ms": round(floor_of(nbytes), 3),
+                         "x_floor": round(times["triton"] / floor_of(nbytes), 2),
                          "vs_loop": round(times["loop"] / times["triton"], 2),
                          "packed_ms": round(times["packed"], 3),
                          "packed_GB": round(packed_bytes / 1e9, 2),
                          "packed_bytes_ratio": round(packed_bytes / nbytes, 3),
                          # against the packed floor (packed bytes read once): 2x if every tile came
                          # from memory twice, toward 1x as the second loads hit L2
-                         "packed_x_floor": round(times["packed"] / (packed_bytes / ceil["copy_GBps"] / 1e6), 2),
+                         "packed_x_floor": round(times["packed"] / floor_of(packed_bytes), 2),
                          "packed_vs_dense": round(times["triton"] / times["packed"], 2),
                          "packed_bf16_ms": round(times["packed_bf16"], 3),
-                         "packed_bf16_x_floor": round(times["packed_bf16"] / (bf16_bytes / ceil["copy_GBps"] / 1e6), 2)})
+                         "packed_bf16_x_floor": round(times["packed_bf16"] / floor_of(bf16_bytes), 2)})
             print(rows[-1], flush=True)
             curv = pen = A = B = refs = None   # free this set before building the next
             if CUDA:

@@ -126,8 +126,8 @@ def main():
     path = write("cpu_packed.json", pen, out=args.out, config=vars(args), tile=TILE, accumulate=acc,
                  ceilings=ceilings,
                  what="penalty: forward+backward median seconds, packed on C++ (fp32; bf16 factors with "
-                      "fp32 products) vs dense on the torch reference, timed in alternation; GFLOPs counts the products D S (2 R n^2 per "
-                      "factor), against the measured fp32 GEMM ceiling; accumulate: packed_cov_update_ "
+                      "fp32 products) vs dense on the torch reference, timed in alternation; GFLOPs counts "
+                      "the products D S (2 R n^2 per factor), against the measured fp32 GEMM ceiling; accumulate: packed_cov_update_ "
                       "(C++) vs addmm_ on the dense factor")
     print(table(pen, list(pen[0])))
     print(table(acc, list(acc[0])))

@@ -18,8 +18,9 @@ on Triton. When Triton is importable the ops are ``torch.library.triton_op``s, s
 traces through them into the kernels. ``backends()`` reports what is active.
 ``grouped_gram``'s backward is ``dD = (dG + dG^T) Q`` per item: it reuses the Q of the forward and never reads
 S again, so one penalty step reads every factor exactly once.
-``grouped_gram_quad`` is the kfac/tri penalty in one op: the same products with the epilogue (value and the
-gradient ``dD = (W + W^T) Q``, ``W = dv/dG``) fused behind them, in C++ for packed factors on the CPU.
+``grouped_gram_quad`` is the kfac/tri penalty in one op: the same products with the epilogue (value
+and the gradient ``dD = (W + W^T) Q``, ``W = dv/dG``) fused behind them, in C++ for packed factors
+on the CPU.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from .curvature import AdapterInfo, LoRACurvature
 from .grouping import GramLayout, plan_sides, side_order
 from .lora_layers import find_lora_layers
-from .reference.gram import class_views, compute_dtype
+from .reference.gram import class_views
+from .reference.packed import compute_dtype
 
 NORMALIZE = (None, "mean_diag")
 
@@ -36,8 +37,8 @@ class LaplacePenalty(nn.Module):
     Construction copies the factors into one flat arena and re-points ``curvature``'s tensors at
     views of it, so factor memory is not doubled. The arena keeps the curvature's layout and dtype:
     with tile-packed factors every step reads about half the bytes, and bf16 factors
-    (``curvature.to(dtype=torch.bfloat16)``) halve them again; products then accumulate in fp32. Moving this module with ``.to()`` moves the
-    buffers only; the curvature keeps the old views.
+    (``curvature.to(dtype=torch.bfloat16)``) halve them again; products then accumulate in fp32.
+    Moving this module with ``.to()`` moves the buffers only; the curvature keeps the old views.
     """
 
     def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
@@ -114,8 +115,9 @@ class LaplacePenalty(nn.Module):
             if tri:
                 self._stack(f"b{j}_K", [self._k(get("Kb", n), (c.dim, c.rank)) for n in c.names])
         blocks = self._blocks(layout)
-        anchor_G = self._wkfac_constants() if wk else None
-        if not wk:      # grouped_gram_quad's weights: coef * Cbb on A-side blocks, coef * Caa on B-side ones
+        if wk:
+            anchor_G = self._wkfac_constants()
+        else:           # grouped_gram_quad's weights: coef * Cbb on A-side blocks, coef * Caa on B-side ones
             C = torch.zeros(layout.g_size, dtype=self._dtype)
             for (side, n), idx in blocks.items():
                 C[idx] = self._coef[n] * curv.get("Cbb" if side == "A" else "Caa", n).to(self._dtype)

@@ -6,5 +6,5 @@ from .packed import (TILE, pack, packed_cov_update_, packed_numel, packed_sym_gr
                      unpack)
 
 __all__ = ["cov_update_", "sqcov_update_", "sym_gram", "grouped_gram", "gram_quad", "gram_numel",
-           "gram_outputs_like", "sym_grad", "class_views", "finalize", "penalty_closed_form", "TILE", "pack", "unpack", "packed_numel", "packed_trace",
-           "packed_cov_update_", "packed_sym_gram"]
+           "gram_outputs_like", "sym_grad", "class_views", "finalize", "penalty_closed_form", "TILE",
+           "pack", "unpack", "packed_numel", "packed_trace", "packed_cov_update_", "packed_sym_gram"]

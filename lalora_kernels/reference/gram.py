@@ -11,13 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .packed import packed_numel, packed_sym_gram
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype products with factors stored in ``dtype`` run and return in: float64 for float64
-    factors, float32 otherwise (bf16 factors are a storage format; their products accumulate in fp32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .packed import compute_dtype, packed_numel, packed_sym_gram
 
 
 def sym_gram(D: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,6 +110,12 @@ def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Te
         tiles[start:start + nt - I].add_(row, alpha=weight)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products with factors stored in ``dtype`` run and return in: float64 for float64
+    factors, float32 otherwise (bf16 factors are a storage format; their products accumulate in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def packed_sym_gram(D: torch.Tensor, P: torch.Tensor, n: int, tile: int = TILE
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """G = D S D^T and Q = D S for a batch of packed factors, reading each stored tile once.
@@ -125,7 +131,7 @@ def packed_sym_gram(D: torch.Tensor, P: torch.Tensor, n: int, tile: int = TILE
     tiles = P.reshape(b, -1, tile, tile)
     if tiles.shape[1] != nt * (nt + 1) // 2:
         raise ValueError(f"expected {b} packed factors of n={n}, tile={tile}; got {P.numel()} numbers")
-    ct = torch.float64 if P.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(P.dtype)
     D = D.to(ct)
     Dp = torch.nn.functional.pad(D, (0, nt * tile - n)).view(b, R, nt, tile)
     Q = torch.zeros_like(Dp)
