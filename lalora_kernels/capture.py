@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
+from collections.abc import Mapping
 from typing import Iterable, Optional
 
 import torch
@@ -33,7 +34,7 @@ class DegenerateCurvatureWarning(UserWarning):
 
 
 def _unpack(batch, device) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):          # dict, or transformers' BatchEncoding
         if "input_ids" not in batch:
             raise ValueError(f"a batch dict must hold 'input_ids' (got keys {sorted(batch)})")
         ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
@@ -281,14 +282,21 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches={max_batches!r} must be None or >= 1")
     check_tile(tile)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("estimate_curvature needs autograd (it backpropagates through the model): call it "
+                           "outside torch.inference_mode()")
     refs = find_lora_layers(model)
+    off = [r.name for r in refs if getattr(r.module, "disable_adapters", False)]
+    if off:
+        raise ValueError(f"the LoRA adapters of {off[:3]} are disabled (inside peft's disable_adapter()?), so "
+                         "the proxy passes would not reach them; estimate with the adapters enabled")
     storage = lalora_ops.default_storage(refs[0].A.device) if storage is None else storage
     check_layout(storage)
     cap = _Capture(model, refs, variant, storage, tile)
     num_tokens = nb = 0
     it = batches if max_batches is None else itertools.islice(batches, max_batches)
     generator = rank_generator(generator, cap.device) if fisher == "mc" else generator
-    with cap.attached():
+    with cap.attached(), torch.enable_grad():        # also when called under torch.no_grad()
         for batch in tqdm(it, desc=f"lalora curvature ({variant})", disable=not progress,
                           total=max_batches, unit="batch"):
             num_tokens += cap.run_batch(batch, fisher, mc_samples, generator)

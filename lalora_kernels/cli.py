@@ -5,16 +5,24 @@ import argparse
 import warnings
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="lalora", description="LaLoRA kernels: curvature and penalty")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="learning vs forgetting: LoRA, L2 and LaLoRA variants, end to end")
     demo.add_argument("--quick", action="store_true", help="fewer steps and lams (about a minute on CPU)")
-    demo.add_argument("--steps", type=int, help="fine-tuning steps (default 100, --quick 50)")
+    demo.add_argument("--steps", type=_positive, help="fine-tuning steps (default 100, --quick 50)")
     demo.add_argument("--lams", type=float, nargs="+", help="lam (and L2 delta) sweep")
-    demo.add_argument("--inits", nargs="+", default=["zero", "pissa"],
+    demo.add_argument("--inits", nargs="+", default=["zero", "pissa"], choices=["zero", "pissa", "olora"],
                       help="LoRA inits to compare: zero (peft default, B = 0), pissa, olora")
-    demo.add_argument("--variants", nargs="+", default=["diag", "kfac", "tri", "wkfac"])
+    demo.add_argument("--variants", nargs="+", default=["diag", "kfac", "tri", "wkfac"],
+                      choices=["diag", "kfac", "tri", "wkfac"])
     demo.add_argument("--lr", type=float, default=5e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="lalora_demo_out", help="folder for results.json/.md and pareto.png")
@@ -27,9 +35,9 @@ def main(argv=None) -> None:
     bench = sub.add_parser("bench", help="curvature and penalty cost against model size")
     bench.add_argument("--sizes", nargs="+", default=None, help="tiny small base medium large (default) or "
                        "llama-3.2-1b llama-3.2-3b llama-3.1-8b (real layer shapes; see --layers)")
-    bench.add_argument("--layers", type=int, help="run a slice of this many layers (cost is per layer)")
+    bench.add_argument("--layers", type=_positive, help="run a slice of this many layers (cost is per layer)")
     bench.add_argument("--variant", default="kfac", choices=["diag", "kfac", "tri", "wkfac"])
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=_positive, default=3)
     bench.add_argument("--no-peers", action="store_true", help="skip curvlinops even when installed")
     bench.add_argument("--out", default="lalora_bench_out")
     bench.add_argument("--no-progress", action="store_true")

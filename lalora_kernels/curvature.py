@@ -7,6 +7,7 @@ the variant is simply absent, and ``AdapterInfo.has_sx`` / ``has_sg`` say so.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -103,6 +104,9 @@ class LoRACurvature:
             if j in sx_index:                        # an Sx no adapter reads is not kept
                 tensors[f"Sx/input{j}"] = S
         for k in range(n):
+            if A_star[k].dim() != 2 or B_star[k].dim() != 2 or B_star[k].shape[1] != A_star[k].shape[0]:
+                raise ValueError(f"adapter {k}: A_star[{k}] {tuple(A_star[k].shape)} and B_star[{k}] "
+                                 f"{tuple(B_star[k].shape)} must be (r, in) and (out, r) with the same r")
             name, (r, i), o = f"adapter{k}", A_star[k].shape, B_star[k].shape[0]
             j = sx_index[k]
             if j is not None and not 0 <= j < len(Sx):
@@ -262,7 +266,31 @@ class LoRACurvature:
 
     # ---- checks -------------------------------------------------------------------------------
     def check_shapes(self) -> None:
-        """Every Sx/Sg has the shape its layout and adapter dimensions call for."""
+        """Every adapter has the tensors its variant and flags need, and every tensor the shape its
+        layout and adapter dimensions call for."""
+        for name, a in self.adapters.items():
+            need = ["A0", "B0"]
+            if self.variant in ("kfac", "tri", "wkfac"):
+                need += ["Cbb"] if a.has_sx and self.variant != "wkfac" else []
+                need += ["Caa"] if a.has_sg and self.variant != "wkfac" else []
+                need += ["Ka", "Kb"] if self.variant == "tri" and a.has_sx and a.has_sg else []
+            for key in ([f"Sx/{a.sx_key}"] if a.has_sx else []) + ([f"Sg/{name}"] if a.has_sg else []):
+                if key not in self.tensors:
+                    raise ValueError(f"adapter {name!r} reads {key}, which the curvature lacks; the file or "
+                                     "tensors are incomplete: re-estimate or re-save the curvature")
+            r, i, o = a.rank, a.in_features, a.out_features
+            shapes = {"A0": (r, i), "B0": (o, r), "Caa": (r, r), "Cbb": (r, r), "Ka": (r, i), "Kb": (o, r),
+                      "FA": (r, i), "FB": (o, r)}
+            for kind, want in shapes.items():
+                t = self.get(kind, name)
+                if t is None:
+                    if kind in need:
+                        raise ValueError(f"adapter {name!r} needs {kind}/{name} under variant={self.variant!r}, "
+                                         "which the curvature lacks; the file or tensors are incomplete: "
+                                         "re-estimate or re-save the curvature")
+                elif tuple(t.shape) != want:
+                    raise ValueError(f"curvature tensor '{kind}/{name}' has shape {tuple(t.shape)}; adapter "
+                                     f"{name!r} (in={i}, out={o}, r={r}) needs {want}")
         for key, t in self.tensors.items():
             if not key.startswith(PACKED_KINDS):
                 continue
@@ -345,7 +373,16 @@ class LoRACurvature:
             meta = json.loads(raw)
             if meta.get("layout", "dense") not in LAYOUTS:
                 raise ValueError(f"{path!r} uses layout {meta['layout']!r}; this version reads {LAYOUTS}")
+            known = set(inspect.signature(cls.__init__).parameters) - {"self", "adapters", "tensors"}
+            extra = sorted(set(meta) - known - {"adapters"})
+            if extra:
+                raise ValueError(f"{path!r} was written by lalora_kernels {meta.get('version', '?')} with fields "
+                                 f"{extra} that this version ({__version__}) does not know; upgrade lalora_kernels")
             infos = {k: AdapterInfo(**v) for k, v in meta.pop("adapters").items()}
+            unknown = [n for n in (adapters or ()) if n not in infos]
+            if unknown:
+                raise ValueError(f"adapters {unknown[:3]} are not in {path!r}, which holds {len(infos)} adapters "
+                                 f"(e.g. {sorted(infos)[:3]})")
             if adapters is None:
                 tensors = load_file(path, device=str(device))
             else:

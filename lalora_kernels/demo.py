@@ -147,7 +147,9 @@ def pareto_plot(rows: list[dict], path: Path) -> Optional[Path]:
 def run(out: str = "lalora_demo_out", quick: bool = False, steps: Optional[int] = None,
         lams=None, inits=("zero", "pissa"), variants=VARIANTS, seed: int = 0, progress: bool = True,
         setup: Optional[Setup] = None, lr: float = 5e-3) -> dict:
-    steps = steps or (50 if quick else 100)
+    steps = (50 if quick else 100) if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
     lams = tuple(lams or ((1.0, 10.0) if quick else (0.3, 1.0, 3.0, 10.0)))
     t0 = time.perf_counter()
     setup = setup or embedded_setup(steps, progress)

@@ -21,6 +21,13 @@ class LoRALayerRef:
     def B(self) -> torch.Tensor:
         return self.module.lora_B[self.adapter].weight
 
+    def is_live(self, A: torch.Tensor, B: torch.Tensor) -> bool:
+        """Whether this layer still runs exactly this adapter, unmerged, with weights ``A``, ``B``."""
+        m = self.module
+        return ([a for a in m.active_adapters if a in m.lora_A] == [self.adapter]
+                and not getattr(m, "merged", False) and m.lora_A[self.adapter].weight is A
+                and m.lora_B[self.adapter].weight is B)
+
     @property
     def scaling(self) -> float:
         return float(self.module.scaling[self.adapter])
@@ -40,6 +47,8 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayerRef]:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        while name.startswith("_orig_mod."):      # torch.compile's wrapper: the same module names
+            name = name[len("_orig_mod."):]
         if not isinstance(module.get_base_layer(), nn.Linear):
             raise ValueError(f"LoRA layer {name!r} wraps {type(module.get_base_layer()).__name__}; "
                              "lalora_kernels supports LoRA on nn.Linear only: leave it out of target_modules")

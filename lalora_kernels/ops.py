@@ -43,7 +43,7 @@ BACKENDS = ("auto", "torch", "cpp", "triton")
 
 def backend() -> str:
     """The requested backend: ``LALORA_BACKEND`` (auto | torch | cpp | triton)."""
-    choice = os.environ.get("LALORA_BACKEND", "auto").lower()
+    choice = os.environ.get("LALORA_BACKEND", "").strip().lower() or "auto"   # empty: auto
     if choice not in BACKENDS:
         raise ValueError(f"LALORA_BACKEND={choice!r} is unknown; use auto, torch, cpp or triton")
     if choice == "triton" and not HAS_TRITON:
@@ -209,6 +209,15 @@ if not HAS_TRITON:
         return reference.gram_outputs_like(D, arena, classes, grad)
 
 
+def _first_order_only(op: str) -> None:
+    """The backwards below use saved products as constants, so their own derivative would be wrong:
+    refuse double backward (``create_graph=True``) instead of returning wrong second derivatives."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"lalora::{op} supports first derivatives only; differentiate the penalty "
+                           "without create_graph=True (no double backward, Hessian-vector or gradient "
+                           "penalties through it)")
+
+
 def _grouped_gram_setup(ctx, inputs, output):
     D, classes = inputs[0], inputs[6]
     _, Q = output
@@ -222,6 +231,7 @@ def _grouped_gram_backward(ctx, dG, dQ):
     (Q,) = ctx.saved_tensors
     if dG is None:
         return (None,) * 8
+    _first_order_only("grouped_gram")
     dD = reference.sym_grad(dG.to(Q.dtype), Q, ctx.classes)
     return (dD.to(ctx.d_dtype),) + (None,) * 7
 
@@ -241,6 +251,7 @@ def _gram_quad_backward(ctx, dv, ddD):
         return (None,) * 10
     if not ctx.grad:
         raise RuntimeError("grouped_gram_quad was called with grad=False; pass grad=True to differentiate it")
+    _first_order_only("grouped_gram_quad")
     (dD,) = ctx.saved_tensors
     return ((dv * dD).to(ctx.d_dtype),) + (None,) * 9
 
@@ -257,7 +268,10 @@ def _diag_quad_setup(ctx, inputs, output):
 
 def _diag_quad_backward(ctx, dv, dFD):
     (FD,) = ctx.saved_tensors
-    return None, None if dv is None else (dv * FD).to(ctx.d_dtype)
+    if dv is None:
+        return None, None
+    _first_order_only("diag_quad")
+    return None, (dv * FD).to(ctx.d_dtype)
 
 
 diag_quad.register_autograd(_diag_quad_backward, setup_context=_diag_quad_setup)

@@ -13,7 +13,10 @@ batched torch ops. The gradient never reads a factor again.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -26,6 +29,15 @@ from .reference.gram import class_views
 from .reference.packed import compute_dtype
 
 NORMALIZE = (None, "mean_diag")
+
+
+def _number(name: str, x) -> float:
+    """A finite float >= 0 from a Python, numpy or 0-d tensor number, else an error naming ``name``."""
+    if isinstance(x, Tensor) and x.numel() == 1 and not x.requires_grad:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name}={x!r} must be a finite number >= 0")
+    return float(x)
 
 
 class LaplacePenalty(nn.Module):
@@ -44,11 +56,7 @@ class LaplacePenalty(nn.Module):
     def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
                  normalize: Optional[str] = "mean_diag"):
         super().__init__()
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam={lam!r} must be a finite number >= 0")
-        if not (isinstance(prior_precision, (int, float)) and math.isfinite(prior_precision)
-                and prior_precision >= 0):
-            raise ValueError(f"prior_precision={prior_precision!r} must be a finite number >= 0")
+        lam, prior_precision = _number("lam", lam), _number("prior_precision", prior_precision)
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize={normalize!r} is unknown; use 'mean_diag' or None")
         c = curvature.norm_constant if normalize == "mean_diag" else 1.0
@@ -118,7 +126,7 @@ class LaplacePenalty(nn.Module):
         if wk:
             anchor_G = self._wkfac_constants()
         else:           # grouped_gram_quad's weights: coef * Cbb on A-side blocks, coef * Caa on B-side ones
-            C = torch.zeros(layout.g_size, dtype=self._dtype)
+            C = torch.zeros(layout.g_size, dtype=self._dtype, device=self._device)
             for (side, n), idx in blocks.items():
                 C[idx] = self._coef[n] * curv.get("Cbb" if side == "A" else "Caa", n).to(self._dtype)
             self._buf("quad_C", C)
@@ -182,8 +190,19 @@ class LaplacePenalty(nn.Module):
             off += t.numel()
         self._buf("arena", arena)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)``/``.cuda()`` move the buffers; a dtype change is refused (the factors keep
+        the dtype they were built with, products run in fp32 or fp64 whatever the model's dtype)."""
+        for t in (self.anchor_A, getattr(self, "arena", None)):
+            if t is not None and fn(t[:0]).dtype != t.dtype:
+                raise ValueError(
+                    f"the penalty's tensors stay {t.dtype}: move it with .to(device) only. It takes LoRA "
+                    "weights of any float dtype; to store the factors in another dtype, convert the "
+                    "curvature before building it: curvature.to(dtype=torch.bfloat16)")
+        return super()._apply(fn, recurse)
+
     def _k(self, t: Optional[Tensor], shape) -> Tensor:
-        return torch.zeros(shape, dtype=self._dtype) if t is None else t
+        return torch.zeros(shape, dtype=self._dtype, device=self._device) if t is None else t
 
     # ---- evaluation ---------------------------------------------------------------------------
     def forward(self, A: Sequence[Tensor], B: Sequence[Tensor]) -> Tensor:
@@ -194,7 +213,15 @@ class LaplacePenalty(nn.Module):
         if A[0].device != dev:
             raise ValueError(f"LoRA weights are on {A[0].device} but the penalty's factors are on {dev}; "
                              f"move the regulariser with .to({str(A[0].device)!r})")
-        with torch.autocast(device_type=dev.type, enabled=False):   # small products stay in fp32
+        for k, (a, b, info) in enumerate(zip(A, B, self.infos)):
+            if a.shape != (info.rank, info.in_features) or b.shape != (info.out_features, info.rank):
+                raise ValueError(
+                    f"adapter {k} ({self.names[k]!r}): A[{k}] is {tuple(a.shape)} and B[{k}] is {tuple(b.shape)}, "
+                    f"but the curvature was estimated for A ({info.rank}, {info.in_features}) and B "
+                    f"({info.out_features}, {info.rank}); pass the weights in curvature.adapters order")
+        no_autocast = (torch.autocast(device_type=dev.type, enabled=False)   # small products stay in fp32
+                       if torch.amp.is_autocast_available(dev.type) else contextlib.nullcontext())
+        with no_autocast:
             value = self._diag(A, B) if self.variant == "diag" else self._kron(A, B)
             if self.delta > 0:
                 dA = torch.cat([a.reshape(-1) for a in A]).to(self._dtype) - self.anchor_A
@@ -295,18 +322,23 @@ class LaLoRARegularizer(nn.Module):
             self.scale = size
         self.curvature = curvature
         self.penalty = None if curvature is None else LaplacePenalty(curvature, lam, prior_precision, normalize)
-        self._bound: Optional[tuple[int, list[Tensor], list[Tensor]]] = None
+        self._bound: Optional[tuple] = None     # (weakref to the model, refs, A, B) as last checked
 
     def _weights(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        if self._bound is None or self._bound[0] != id(model):
+        """The model's live LoRA weights in curvature order. The model is walked and checked against
+        the curvature once; later calls re-check only that each layer still has the same active,
+        unmerged adapter and weight tensors (else walk and check again)."""
+        bound = self._bound
+        if bound is None or bound[0]() is not model or not all(
+                r.is_live(a, b) for r, a, b in zip(bound[1], bound[2], bound[3])):
             refs = {r.name: r for r in find_lora_layers(model)}
             layers = {n: r.shape for n, r in refs.items()}
             if self.sharded:    # a rank's share: its adapters must exist in the model, as estimated
                 layers = {n: layers[n] for n in self.penalty.names if n in layers}
             self.curvature.check_model(layers)
-            names = self.penalty.names
-            self._bound = (id(model), [refs[n].A for n in names], [refs[n].B for n in names])
-        return self._bound[1], self._bound[2]
+            mine = [refs[n] for n in self.penalty.names]
+            self._bound = bound = (weakref.ref(model), mine, [r.A for r in mine], [r.B for r in mine])
+        return bound[2], bound[3]
 
     def forward(self, model: nn.Module) -> Tensor:
         if self.penalty is None:            # a rank with no share of the adapters

@@ -130,3 +130,24 @@ def test_trainer_with_gradient_checkpointing(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "lalora_penalty" in h]
     assert len(logs) == 2 and logs[-1]["lalora_penalty"] > 0
+
+
+def test_lalora_source_columns_are_pruned_like_the_train_set(tmp_path):
+    """A tokenized datasets.Dataset that still holds its text works as lalora_source (Trainer drops
+    the columns the model's forward does not take), and gives the curvature of the bare rows."""
+    import datasets
+    rows = Rows(8, seed=4).rows
+    ds = datasets.Dataset.from_list([{**{k: v.tolist() for k, v in r.items()}, "text": "abc"} for r in rows])
+    model = tiny_llama(torch.float32)
+
+    def stack(features):        # a collator that, like the LM ones, tensorises every field it gets
+        return {k: torch.tensor([list(f[k]) for f in features]) for k in features[0]}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = LaLoRATrainer(model=model, args=_args(tmp_path), train_dataset=Rows(16, seed=3),
+                                data_collator=stack, lalora_source=ds, lalora_variant="kfac")
+        bare = LaLoRATrainer(model=model, args=_args(tmp_path), train_dataset=Rows(16, seed=3),
+                             data_collator=stack, lalora_source=Rows(8, seed=4), lalora_variant="kfac")
+    for k, t in bare.lalora_curvature.tensors.items():
+        torch.testing.assert_close(trainer.lalora_curvature.tensors[k], t, rtol=1e-5, atol=1e-7)

@@ -56,9 +56,21 @@ class LaLoRATrainerMixin:
         self._lalora_sums = {"lalora_penalty": 0.0, "task_loss": 0.0, "n": 0}
 
     def _lalora_batches(self, source):
+        """A map-style dataset becomes batches the way Trainer makes the train set's: columns the
+        model's forward does not take are dropped (when ``remove_unused_columns``), then collated."""
         if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, list):
+            collate = self.data_collator
+            try:
+                import datasets
+                is_hf = isinstance(source, datasets.Dataset)
+            except ImportError:
+                is_hf = False
+            if is_hf:
+                source = self._remove_unused_columns(source, description="lalora_source")
+            else:
+                collate = self._get_collator_with_removed_columns(collate, description="lalora_source")
             return torch.utils.data.DataLoader(source, batch_size=self.args.per_device_train_batch_size,
-                                               collate_fn=self.data_collator)
+                                               collate_fn=collate)
         return source
 
     def _lalora_set(self, curvature: LoRACurvature) -> None:
@@ -79,7 +91,7 @@ class LaLoRATrainerMixin:
             steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             sums = self._lalora_sums
             sums["lalora_penalty"] += self.lalora.full_value(penalty) / steps
-            sums["task_loss"] += float(loss.detach()) * (1 if scaled else 1 / steps)
+            sums["task_loss"] += float(loss.detach().float().mean()) * (1 if scaled else 1 / steps)
             sums["n"] += 1 / steps
             loss = loss + (penalty / steps if scaled else penalty).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss

@@ -28,7 +28,7 @@ def syrk_tile(X, M, ri, rj, N, n, split, rows_per_split, stride_xn, stride_xk, w
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, N)
     for k0 in range(start, end, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)      # N x n can pass 2^31
         live = live_rows(M, rk, end, HAS_MASK)
         a = tl.load(X + rk[:, None] * stride_xn + ri[None, :] * stride_xk,
                     mask=live[:, None] & (ri[None, :] < n), other=0.0)
@@ -59,7 +59,7 @@ def _syrk_kernel(X, M, P, N, n, rows_per_split, stride_xn, stride_xk, stride_ps,
     rj = tj * BLOCK + tl.arange(0, BLOCK)
     acc = syrk_tile(X, M, ri, rj, N, n, split, rows_per_split, stride_xn, stride_xk, w, ti == tj,
                     HAS_MASK, BLOCK, BLOCK_K, PRECISION, UPCAST)
-    base = P + split * stride_ps
+    base = P + split.to(tl.int64) * stride_ps
     inside = (ri[:, None] < n) & (rj[None, :] < n)
     p_ij = base + ri[:, None] * n + rj[None, :]
     tl.store(p_ij, tl.load(p_ij, mask=inside, other=0.0) + acc, mask=inside)
@@ -90,6 +90,6 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor], 
         X, m if m is not None else X, P, N, n, rows, X.stride(0), X.stride(1),
         0 if k == 1 else P.stride(0), float(weight), HAS_MASK=m is not None, BLOCK=block,
         BLOCK_K=64, PRECISION=dot_precision(X.dtype), UPCAST=INTERPRET,
-        num_warps=8 if block == 128 else 4, num_stages=3)
+        num_warps=8 if block == 128 else 4, num_stages=2 if block == 128 and X.dtype == torch.float32 else 3)
     if k > 1:
         S.add_(P.sum(0))

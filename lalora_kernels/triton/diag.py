@@ -29,7 +29,7 @@ def _sq_gemm_kernel(G, X, M, P, N, p, q, rows_per_split, stride_gn, stride_gk, s
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, N)
     for k0 in range(start, end, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)      # N x n can pass 2^31
         live = live_rows(M, rk, end, HAS_MASK)
         g = tl.load(G + rk[:, None] * stride_gn + rp[None, :] * stride_gk,
                     mask=live[:, None] & (rp[None, :] < p), other=0.0).to(tl.float32)
@@ -37,7 +37,7 @@ def _sq_gemm_kernel(G, X, M, P, N, p, q, rows_per_split, stride_gn, stride_gk, s
                     mask=live[:, None] & (rq[None, :] < q), other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(g * g), x * x, input_precision=PRECISION)
     inside = (rp[:, None] < p) & (rq[None, :] < q)
-    ptr = P + split * stride_ps + rp[:, None] * q + rq[None, :]
+    ptr = P + split.to(tl.int64) * stride_ps + rp[:, None] * q + rq[None, :]
     tl.store(ptr, tl.load(ptr, mask=inside, other=0.0) + acc * w, mask=inside)
 
 
