@@ -44,3 +44,10 @@ def test_kernel_benchmark_smoke(tmp_path):
 def test_gpu_compile_check_smoke():
     """gpu_compile_check.py's steps (compiled forward, backward through it) on the CPU."""
     _run("gpu_compile_check.py", "--smoke")
+
+
+def test_packed_diagnosis_smoke(tmp_path):
+    _run("diagnose_packed_cpu.py", "--n", "128", "--n-small", "64", "--bundles", "2", "--ranks", "16",
+         "--min-run-time", "0.01", "--out", str(tmp_path))
+    row = json.loads((tmp_path / "cpu_packed_diagnosis.json").read_text())["rows"][0]
+    assert row["packed_GFLOPs"] > 0 and row["cached_GFLOPs"] > 0 and row["rows_split_GFLOPs"] > 0
