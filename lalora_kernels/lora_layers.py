@@ -22,8 +22,18 @@ class LoRALayerRef:
         return self.module.lora_B[self.adapter].weight
 
     def is_live(self, A: torch.Tensor, B: torch.Tensor) -> bool:
-        """Whether this layer still runs exactly this adapter, unmerged, with weights ``A``, ``B``."""
+        """Whether this layer still runs exactly this adapter, unmerged, with weights ``A``, ``B``.
+        Called for every layer on every step, so it first reads peft's attributes directly (1-2 us a
+        layer, 0.1-0.2 ms a step for 112 layers); anything unexpected falls back to the properties."""
         m = self.module
+        try:
+            state, mods = m.__dict__, m.__dict__["_modules"]
+            if (state["_active_adapter"] in (self.adapter, [self.adapter]) and not state["merged_adapters"]
+                    and mods["lora_A"]._modules[self.adapter]._parameters["weight"] is A
+                    and mods["lora_B"]._modules[self.adapter]._parameters["weight"] is B):
+                return True
+        except (KeyError, TypeError, AttributeError):
+            pass
         return ([a for a in m.active_adapters if a in m.lora_A] == [self.adapter]
                 and not getattr(m, "merged", False) and m.lora_A[self.adapter].weight is A
                 and m.lora_B[self.adapter].weight is B)
