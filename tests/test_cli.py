@@ -15,7 +15,8 @@ def _check_outputs(out, inits, methods):
     assert {r["method"] for r in rows} == {"before fine-tuning", "lora", "l2", *methods}
     for r in rows:
         assert 0.0 <= r["source_acc"] <= 1.0 and 0.0 <= r["target_acc"] <= 1.0
-    assert (out / "results.md").read_text().startswith("| init | method |")
+    md = (out / "results.md").read_text()
+    assert md.startswith("Best source accuracy") and "| init | method |" in md
     assert (out / "pareto.png").stat().st_size > 1000
     return rows
 
@@ -34,6 +35,17 @@ def test_demo_quick_reduced_budget(tmp_path, monkeypatch):
     kfac = [r for r in rows if r["method"] == "kfac"]
     assert all(r["factor_MiB"] > 0 and r["curv_s"] > 0 for r in kfac)
     assert any((tmp_path / "cache" / "lalora_kernels").glob("demo-base-*/config.json"))
+
+
+def test_best_table_picks_the_best_run_that_keeps_the_target():
+    from lalora_kernels.demo import best_table
+    rows = [{"init": "zero", "method": "before fine-tuning", "lam": 0, "source_acc": 1.0, "target_acc": 0.0},
+            {"init": "zero", "method": "lora", "lam": 0, "source_acc": 0.01, "target_acc": 1.0},
+            {"init": "zero", "method": "kfac", "lam": 1, "source_acc": 0.5, "target_acc": 1.0},
+            {"init": "zero", "method": "kfac", "lam": 3, "source_acc": 0.6, "target_acc": 0.99},
+            {"init": "zero", "method": "kfac", "lam": 10, "source_acc": 0.9, "target_acc": 0.989},
+            {"init": "zero", "method": "diag", "lam": 1, "source_acc": 0.9, "target_acc": 0.5}]
+    assert best_table(rows).splitlines()[2:] == ["| lora | 0.010 |", "| kfac | 0.600 (3) |", "| diag | - |"]
 
 
 def _tiny_hf_folder(path):

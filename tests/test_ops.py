@@ -120,6 +120,9 @@ def test_opcheck_all_ops():
             arena = torch.cat([pack(S, 8) for Sc in class_views(arena, flat, "S") for S in Sc])
         for grad in (True, False):
             torch.library.opcheck(ops.grouped_gram_quad, (D if grad else D.detach(), arena, *tabs, plan, flat, tile, C, grad))
+    from lalora_kernels.reference import pack
+    for tile in (8, 16):
+        torch.library.opcheck(ops.packed_cov_update_, (pack(S, tile), X, mask, 0.5, tile))
     torch.library.opcheck(ops.diag_quad, (torch.rand(3, 4, 5, dtype=torch.float64),
                                           torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)))
 
