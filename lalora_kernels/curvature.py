@@ -99,10 +99,7 @@ class LoRACurvature:
                          ("Cbb", Cbb)):
             if len(val) != n:
                 raise ValueError(f"{arg} has {len(val)} entries but A_star has {n}; give one per adapter")
-        tensors, adapters = {}, {}
-        for j, S in enumerate(Sx):
-            if j in sx_index:                        # an Sx no adapter reads is not kept
-                tensors[f"Sx/input{j}"] = S
+        tensors, adapters, kron = {}, {}, variant in ("kfac", "tri")
         for k in range(n):
             if A_star[k].dim() != 2 or B_star[k].dim() != 2 or B_star[k].shape[1] != A_star[k].shape[0]:
                 raise ValueError(f"adapter {k}: A_star[{k}] {tuple(A_star[k].shape)} and B_star[{k}] "
@@ -111,23 +108,32 @@ class LoRACurvature:
             j = sx_index[k]
             if j is not None and not 0 <= j < len(Sx):
                 raise ValueError(f"sx_index[{k}]={j} is out of range for {len(Sx)} Sx tensors")
+            # SPEC section 5: a block whose weight is exactly zero (kfac/tri: Cbb for the A block, Caa
+            # for the B block, zero when B*, resp. A*, is; diag: an all-zero FA or FB) is skipped with
+            # the factor only it reads, whatever the caller passed, so that lam, the mean_diag constant
+            # and the bytes read are those of an estimated curvature
             has_sx, has_sg = j is not None, Sg[k] is not None
+            if kron:         # the given factors derive Caa, Cbb, Ka, Kb even where they are not kept
+                fin = finalize(A_star[k], B_star[k], Sx[j] if has_sx else None, Sg[k])
+                fin.update({key: v for key, v in (("Caa", Caa[k]), ("Cbb", Cbb[k])) if v is not None})
+                has_sx = has_sx and bool(_require(fin, "Cbb", k).any())
+                has_sg = has_sg and bool(_require(fin, "Caa", k).any())
             if variant == "wkfac" and not (has_sx and has_sg):
                 raise ValueError(f"variant='wkfac' needs Sx and Sg for every adapter; adapter {k} lacks one")
             tensors[f"A0/{name}"], tensors[f"B0/{name}"] = A_star[k], B_star[k]
+            if has_sx:
+                tensors[f"Sx/input{j}"] = Sx[j]
             if has_sg:
                 tensors[f"Sg/{name}"] = Sg[k]
-            if variant in ("kfac", "tri"):
-                fin = finalize(A_star[k], B_star[k], Sx[j] if has_sx else None, Sg[k])
-                fin.update({key: v for key, v in (("Caa", Caa[k]), ("Cbb", Cbb[k])) if v is not None})
+            if kron:
                 if has_sx:
-                    tensors[f"Cbb/{name}"] = _require(fin, "Cbb", k)
+                    tensors[f"Cbb/{name}"] = fin["Cbb"]
                 if has_sg:
-                    tensors[f"Caa/{name}"] = _require(fin, "Caa", k)
+                    tensors[f"Caa/{name}"] = fin["Caa"]
                 if variant == "tri" and has_sx and has_sg:
                     tensors[f"Ka/{name}"], tensors[f"Kb/{name}"] = fin["Ka"], fin["Kb"]
             for kind, F in (("FA", FA[k]), ("FB", FB[k])):
-                if F is not None:
+                if F is not None and bool(F.any()):
                     tensors[f"{kind}/{name}"] = F
             adapters[name] = AdapterInfo(i, o, r, float(scaling[k]), f"input{j}" if has_sx else name,
                                          has_sx, has_sg)

@@ -47,6 +47,10 @@ def test_kfac_blocks_equal_brute_force(nonzero_b, rslora):
                 _close(blk["cross"]["input_cross"], r["X_in"], f"{variant} {name} cross A")
             else:
                 assert r["A_grad"].abs().max() == 0   # B* = 0: the A block is truly zero
+            if nonzero_b and variant == "tri":     # the stored Ka = A* Sx, Kb = Sg B* (kfac_blocks rebuilds them)
+                A0, B0 = curv.get("A0", name), curv.get("B0", name)
+                _close(curv.get("Ka", name), A0 @ curv.sx(name), f"{name} Ka")
+                _close(curv.get("Kb", name), curv.dense(f"Sg/{name}") @ B0, f"{name} Kb")
 
 
 @pytest.mark.parametrize("nonzero_b", [True, False])

@@ -166,3 +166,27 @@ def test_empty_backend_variable_means_auto(monkeypatch):
     from lalora_kernels import ops
     monkeypatch.setenv("LALORA_BACKEND", "")
     assert ops.backend() == "auto"
+
+
+@pytest.mark.parametrize("variant", ["diag", "kfac", "tri"])
+def test_from_tensors_skips_the_factors_of_zero_blocks(variant):
+    """Passing Sx (or an all-zero FA, as it is when B* = 0) for an adapter with B* = 0 changes
+    nothing: the block is exactly zero, so its factor is not kept, counted in mean_diag, nor read
+    (SPEC section 5)."""
+    from test_penalty import LAYOUT, _problem
+    p = _problem(torch.float64)                      # adapter 2 has B* = 0
+    caa = [a @ p["Sx"][j] @ a.T for a, (*_, j) in zip(p["A0"], LAYOUT)]
+    every = [j for *_, j in LAYOUT]
+    needed = [None if k == 2 and variant != "diag" else j for k, j in enumerate(every)]
+    kw = dict(variant=variant, scaling=p["scaling"], Sx=p["Sx"], Sg=p["Sg"], Caa=caa if variant != "diag" else None,
+              FB=p["FB"] if variant == "diag" else None)
+    fa_needed = [None if k == 2 else f for k, f in enumerate(p["FA"])]
+    lean = LoRACurvature.from_tensors(p["A0"], p["B0"], sx_index=needed,
+                                      FA=fa_needed if variant == "diag" else None, **kw)
+    fa_zero = [torch.zeros_like(f) if k == 2 else f for k, f in enumerate(p["FA"])]
+    given = LoRACurvature.from_tensors(p["A0"], p["B0"], sx_index=every,
+                                       FA=fa_zero if variant == "diag" else None, **kw)
+    assert given.tensors.keys() == lean.tensors.keys()
+    assert given.norm_constant == lean.norm_constant and given.memory_bytes() == lean.memory_bytes()
+    values = [LaplacePenalty(c, 1.0)(p["A"], p["B"]) for c in (lean, given)]
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=0)

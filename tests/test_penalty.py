@@ -98,13 +98,27 @@ def test_penalty_is_zero_at_anchor_and_prior_alone_is_l2():
     torch.testing.assert_close(l2, ref)
 
 
-def test_mean_diag_normalisation():
-    p = _problem(zero_b=())
-    curv = LoRACurvature.from_tensors(p["A0"], p["B0"], variant="kfac", scaling=p["scaling"], Sx=p["Sx"],
-                                      sx_index=[j for *_, j in LAYOUT], Sg=p["Sg"])
-    # mean diagonal of the dense curvature over all penalised parameters
-    diags = [torch.diagonal(__import__("dense").dense_kfac_blocks("kfac", s, a0, b0, p["Sx"][j], g))
-             for s, a0, b0, g, (*_, j) in zip(p["scaling"], p["A0"], p["B0"], p["Sg"], LAYOUT)]
+@pytest.mark.parametrize("zero_b", [(), (2,)])
+@pytest.mark.parametrize("variant", ["kfac", "tri", "wkfac", "diag"])
+def test_mean_diag_normalisation(variant, zero_b):
+    """c = mean of the dense curvature's diagonal over the penalised parameters; a block proven
+    zero (B* = 0 under kfac/tri/diag) counts no parameters (SPEC section 6, project note)."""
+    p = _problem(zero_b=zero_b)
+    skip = [variant != "wkfac" and not b.any() for b in p["B0"]]
+    curv = LoRACurvature.from_tensors(
+        p["A0"], p["B0"], variant=variant, scaling=p["scaling"], Sx=p["Sx"], sx_index=[j for *_, j in LAYOUT],
+        Sg=p["Sg"], FA=[None if z else f for z, f in zip(skip, p["FA"])] if variant == "diag" else None,
+        FB=p["FB"] if variant == "diag" else None)
+    dense = __import__("dense")
+    diags = []
+    for k, (s, a0, b0, g, (o, i, r, j)) in enumerate(zip(p["scaling"], p["A0"], p["B0"], p["Sg"], LAYOUT)):
+        if variant == "wkfac":
+            d = torch.diagonal(s**2 * torch.kron(g, p["Sx"][j]))            # over the o i entries of dW
+        elif variant == "diag":
+            d = torch.cat([p["FA"][k].reshape(-1), p["FB"][k].reshape(-1)])
+        else:
+            d = torch.diagonal(dense.dense_kfac_blocks(variant, s, a0, b0, p["Sx"][j], g))
+        diags.append(d[r * i:] if skip[k] else d)                          # the A block is not penalised
     c = torch.cat(diags).mean()
     torch.testing.assert_close(torch.tensor(curv.norm_constant, dtype=torch.float64), c)
     raw = LaplacePenalty(curv, lam=1.0, normalize=None)(p["A"], p["B"])
@@ -157,6 +171,7 @@ def test_fp32_accurate_close_to_anchor(variant):
     assert abs(float(value) - float(ref)) <= 1e-3 * float(ref)
     for k in range(len(LAYOUT)):
         torch.testing.assert_close(p["A"][k].grad.double(), gA[k], rtol=1e-3, atol=1e-3 * gA[k].abs().max())
+        torch.testing.assert_close(p["B"][k].grad.double(), gB[k], rtol=1e-3, atol=1e-3 * gB[k].abs().max())
 
 
 def test_wkfac_is_tri_plus_third_order():

@@ -33,7 +33,9 @@ def test_closed_form_equals_dense(variant, shape, zero_b):
     torch.testing.assert_close(v, ref.detach(), rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(gA, Ad.grad, rtol=1e-10, atol=1e-11)
     torch.testing.assert_close(gB, Bd.grad, rtol=1e-10, atol=1e-11)
-    assert v > 0
+    curv_only, _, _ = penalty_closed_form(variant, A, B, A0, B0, scaling=s, lam=lam, delta=0.0, Sx=Sx,
+                                          Sg=Sg, FA=FA, FB=FB, **fin)
+    assert curv_only >= 0 and v > curv_only             # F is PSD; the prior adds a positive term
 
 
 @pytest.mark.parametrize("shape", SHAPES)
