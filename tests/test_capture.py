@@ -7,7 +7,9 @@ from bruteforce import brute_force_kfac
 from conftest import rel_err
 from models import ALL_PROJ, batches, tiny_llama
 
-from lalora_kernels import DegenerateCurvatureWarning, estimate_curvature
+from lalora_kernels import DegenerateCurvatureWarning, LaLoRARegularizer, estimate_curvature
+from lalora_kernels.lora_layers import find_lora_layers
+from lalora_kernels.reference import penalty_closed_form
 
 TOL64 = 1e-6
 
@@ -130,6 +132,65 @@ def test_mc_differs_from_empirical_and_converges_to_exact_fisher():
     assert errs[256] < 0.12, errs
 
 
+def _exact_fisher_diag(model, batch):
+    """diag's FA, FB under the model's own predictive distribution (sum over positions and classes)."""
+    from peft.tuners.lora import LoraLayer
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    model.eval()
+    ins, outs = {}, {}
+
+    def keep(n):
+        def hook(mod, args, out):
+            ins[n], outs[n] = args[0], out
+        return hook
+    hs = [m.register_forward_hook(keep(n)) for n, m in mods.items()]
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    for h in hs:
+        h.remove()
+    probs = logits.softmax(-1).detach()
+    names = list(mods)
+    fa, fb = {n: 0 for n in names}, {n: 0 for n in names}
+    B, L, V = probs.shape
+    for b in range(B):
+        for t in range(L):
+            for c in range(V):
+                dl = torch.zeros_like(logits)
+                dl[b, t] = probs[b, t]
+                dl[b, t, c] -= 1
+                gs = torch.autograd.grad(logits, [outs[n] for n in names], dl, retain_graph=True)
+                for n, g in zip(names, gs):
+                    m, g = mods[n], g.reshape(-1, g.shape[-1]).detach()
+                    x = ins[n].reshape(-1, ins[n].shape[-1]).detach()
+                    A0, B0, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
+                    fa[n] = fa[n] + probs[b, t, c] * s**2 * (g @ B0).square().T @ x.square()
+                    fb[n] = fb[n] + probs[b, t, c] * s**2 * g.square().T @ (x @ A0.T).square()
+    T = batch["input_ids"].numel()
+    return {n: v / T for n, v in fa.items()}, {n: v / T for n, v in fb.items()}
+
+
+def test_mc_weights_every_factor_once_per_token():
+    """With S draws per position, every label-dependent factor is weighted 1/S (tri's Cbb is
+    exactly B*^T Sg B* of the same draws; diag's FA, FB converge to the true Fisher's), and the
+    label-free Caa is accumulated once, not per draw."""
+    vocab = 5
+    model = tiny_llama(vocab=vocab, layers=1, hidden=16, inter=24, targets=["q_proj", "down_proj"])
+    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    emp = _quiet(model, [batch], variant="tri")
+    mc = _quiet(model, [batch], variant="tri", fisher="mc", mc_samples=4, generator=torch.Generator().manual_seed(1))
+    for n in emp.adapters:
+        B0 = mc.get("B0", n)
+        torch.testing.assert_close(mc.get("Cbb", n), B0.T @ mc.dense(f"Sg/{n}") @ B0, rtol=1e-10, atol=0)
+        torch.testing.assert_close(mc.get("Caa", n), emp.get("Caa", n), rtol=1e-12, atol=0)
+    fa, fb = _exact_fisher_diag(model, batch)
+    errs = {}
+    for S in (4, 256):
+        d = _quiet(model, [batch], variant="diag", fisher="mc", mc_samples=S,
+                   generator=torch.Generator().manual_seed(1))
+        errs[S] = max(max(rel_err(d.get("FA", n), fa[n]), rel_err(d.get("FB", n), fb[n])) for n in fa)
+    assert errs[256] < errs[4] and errs[256] < 0.15, errs
+
+
 def test_shared_inputs_deduplicated_and_degenerate_factors_skipped():
     layers = 2
     model = tiny_llama(layers=layers, nonzero_b=False)
@@ -149,6 +210,39 @@ def test_shared_inputs_deduplicated_and_degenerate_factors_skipped():
     assert wk.memory_bytes() == nbytes(wk, ("Sx", "Sg"))
     diag = _quiet(model, data, variant="diag")
     assert "FA" not in diag.num_factors() and diag.num_factors()["FB"] == len(ALL_PROJ) * layers
+
+
+@pytest.mark.parametrize("variant", ["kfac", "tri", "diag"])
+def test_zero_a_anchor_skips_the_b_block(variant):
+    """A* = 0 in one layer (B* != 0): its B block is exactly zero, so Sg, Caa and FB are not kept
+    for it (Sx and Cbb, resp. FA, are), and the penalty still equals the closed form."""
+    model = tiny_llama(nonzero_b=True)
+    name = next(r.name for r in find_lora_layers(model) if r.name.endswith("o_proj"))
+    with torch.no_grad():
+        next(r for r in find_lora_layers(model) if r.name == name).A.zero_()
+    curv = _quiet(model, batches(n=1), variant=variant)
+    info = curv.adapters[name]
+    kept = {k.split("/")[0] for k in curv.tensors if k.endswith("/" + name)}
+    if variant == "diag":
+        assert "FA" in kept and "FB" not in kept
+    else:
+        assert not info.has_sg and info.has_sx and {"Cbb"} <= kept and not kept & {"Sg", "Caa", "Ka", "Kb"}
+    reg = LaLoRARegularizer(curv, 1.0, normalize=None)
+    refs = {r.name: r for r in find_lora_layers(model)}
+    with torch.no_grad():
+        for r in refs.values():
+            r.A.add_(0.1 * torch.randn_like(r.A))
+            r.B.add_(0.1 * torch.randn_like(r.B))
+    value = reg(model)
+    ref = 0.0
+    for n, a in curv.adapters.items():
+        sg = curv.dense(f"Sg/{n}") if a.has_sg else None
+        v, _, _ = penalty_closed_form(variant, refs[n].A.detach(), refs[n].B.detach(), curv.get("A0", n),
+                                      curv.get("B0", n), scaling=a.scaling, lam=1.0, Sx=curv.sx(n), Sg=sg,
+                                      FA=curv.get("FA", n), FB=curv.get("FB", n), Caa=curv.get("Caa", n),
+                                      Cbb=curv.get("Cbb", n), Ka=curv.get("Ka", n), Kb=curv.get("Kb", n))
+        ref = ref + v
+    torch.testing.assert_close(value, torch.as_tensor(ref, dtype=value.dtype), rtol=1e-9, atol=1e-12)
 
 
 def test_model_state_is_restored_also_on_error():

@@ -187,3 +187,27 @@ def test_wkfac_is_tri_plus_third_order():
         values.append(float(tri))
     assert 50 < values[0] / values[1] < 200          # both are second order in dtheta ...
     assert 300 < abs(gaps[0] / gaps[1]) < 3000      # ... and differ at third order
+
+
+def test_wkfac_never_forms_the_weight_change():
+    """SPEC section 4: wkfac works on the r-row factors; no (o x r) @ (r x i) product (dW or B A)
+    is formed in the forward or the backward pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    p = _problem(torch.float64, zero_b=())
+    dims = {(o, r, i) for o, i, r, _ in LAYOUT if o != r}   # o = r = 1 looks like the r x r @ r x i gradient
+    products = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+                a, b = args[0].shape, args[1].shape
+                products.append((a[-2], a[-1], b[-1]))
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        value = _fused("wkfac", p, 1.0, 0.0)
+        value.backward()
+    assert products, "the mode saw no products"
+    formed = [m for m in products if m in dims]
+    assert not formed, f"(o, r, i) products formed: {formed}"
