@@ -16,7 +16,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="lalora", description="LaLoRA kernels: curvature and penalty")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="learning vs forgetting: LoRA, L2 and LaLoRA variants, end to end")
-    demo.add_argument("--quick", action="store_true", help="fewer steps and lams (about a minute on CPU)")
+    demo.add_argument("--quick", action="store_true", help="fewer steps and lams (about 2 minutes on 2 CPU cores)")
     demo.add_argument("--steps", type=_positive, help="fine-tuning steps (default 100, --quick 50)")
     demo.add_argument("--lams", type=float, nargs="+", help="lam (and L2 delta) sweep")
     demo.add_argument("--inits", nargs="+", default=["zero", "pissa"], choices=["zero", "pissa", "olora"],
