@@ -379,6 +379,8 @@ def fused_laplace_penalty(A: Sequence[Tensor], B: Sequence[Tensor], A_star: Sequ
       Sx: the distinct input covariances (i, i); sx_index[k] is the index of adapter k's Sx in that
         list, or None when its A block is not penalised (kfac/tri with B* = 0).
       Sg[k]: output-gradient covariance (o, o) of adapter k, or None (not penalised).
+      A block whose weight is exactly zero (kfac/tri: Cbb or Caa, zero when B*, resp. A*, is;
+        diag: an all-zero FA or FB) is skipped with the factor only it reads, whether given or not.
       Caa[k] = A* Sx A*^T, Cbb[k] = B*^T Sg B* (r, r): optional, derived from Sx / Sg when absent;
         give Caa when the A block is not penalised (no Sx) but the B block is.
       FA[k] (r, i), FB[k] (o, r): the ``diag`` curvature (only for variant='diag').
