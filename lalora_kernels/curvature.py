@@ -276,9 +276,8 @@ class LoRACurvature:
         layout and adapter dimensions call for."""
         for name, a in self.adapters.items():
             need = ["A0", "B0"]
-            if self.variant in ("kfac", "tri", "wkfac"):
-                need += ["Cbb"] if a.has_sx and self.variant != "wkfac" else []
-                need += ["Caa"] if a.has_sg and self.variant != "wkfac" else []
+            if self.variant in ("kfac", "tri"):
+                need += (["Cbb"] if a.has_sx else []) + (["Caa"] if a.has_sg else [])
                 need += ["Ka", "Kb"] if self.variant == "tri" and a.has_sx and a.has_sg else []
             for key in ([f"Sx/{a.sx_key}"] if a.has_sx else []) + ([f"Sg/{name}"] if a.has_sg else []):
                 if key not in self.tensors:

@@ -81,19 +81,26 @@ def test_padding_never_enters_a_factor():
         torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-10, atol=1e-13)
 
 
-def _exact_fisher_sg(model, batch):
-    """Sg under the model's own predictive distribution: sum over positions and classes."""
+def _true_fisher(model, batch, terms):
+    """sum over positions t and classes c of p(c | t) terms(module, x, g_tc), divided by the token
+    count: a factor under the model's own predictive distribution. ``terms`` returns a dict of
+    tensors per LoRA layer from its input x and the output gradient g of one (t, c) (both 2-D)."""
     from peft.tuners.lora import LoraLayer
     mods = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     model.eval()
-    outs = {}
-    hs = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o)) for n, m in mods.items()]
+    ins, outs = {}, {}
+
+    def keep(n):
+        def hook(mod, args, out):
+            ins[n], outs[n] = args[0], out
+        return hook
+    hs = [m.register_forward_hook(keep(n)) for n, m in mods.items()]
     logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
     for h in hs:
         h.remove()
     probs = logits.softmax(-1).detach()
     names = list(mods)
-    acc = {n: 0 for n in names}
+    acc: dict = {n: {} for n in names}
     B, L, V = probs.shape
     for b in range(B):
         for t in range(L):
@@ -103,10 +110,15 @@ def _exact_fisher_sg(model, batch):
                 dl[b, t, c] -= 1
                 gs = torch.autograd.grad(logits, [outs[n] for n in names], dl, retain_graph=True)
                 for n, g in zip(names, gs):
-                    g = g.reshape(-1, g.shape[-1])
-                    acc[n] = acc[n] + probs[b, t, c] * g.T @ g
+                    x = ins[n].reshape(-1, ins[n].shape[-1]).detach()
+                    for k, v in terms(mods[n], x, g.reshape(-1, g.shape[-1]).detach()).items():
+                        acc[n][k] = acc[n].get(k, 0) + probs[b, t, c] * v
     T = batch["input_ids"].numel()
-    return {n: v / T for n, v in acc.items()}
+    return {n: {k: v / T for k, v in d.items()} for n, d in acc.items()}
+
+
+def _exact_fisher_sg(model, batch):
+    return {n: d["Sg"] for n, d in _true_fisher(model, batch, lambda m, x, g: {"Sg": g.T @ g}).items()}
 
 
 def test_mc_differs_from_empirical_and_converges_to_exact_fisher():
@@ -133,39 +145,12 @@ def test_mc_differs_from_empirical_and_converges_to_exact_fisher():
 
 
 def _exact_fisher_diag(model, batch):
-    """diag's FA, FB under the model's own predictive distribution (sum over positions and classes)."""
-    from peft.tuners.lora import LoraLayer
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    model.eval()
-    ins, outs = {}, {}
-
-    def keep(n):
-        def hook(mod, args, out):
-            ins[n], outs[n] = args[0], out
-        return hook
-    hs = [m.register_forward_hook(keep(n)) for n, m in mods.items()]
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
-    for h in hs:
-        h.remove()
-    probs = logits.softmax(-1).detach()
-    names = list(mods)
-    fa, fb = {n: 0 for n in names}, {n: 0 for n in names}
-    B, L, V = probs.shape
-    for b in range(B):
-        for t in range(L):
-            for c in range(V):
-                dl = torch.zeros_like(logits)
-                dl[b, t] = probs[b, t]
-                dl[b, t, c] -= 1
-                gs = torch.autograd.grad(logits, [outs[n] for n in names], dl, retain_graph=True)
-                for n, g in zip(names, gs):
-                    m, g = mods[n], g.reshape(-1, g.shape[-1]).detach()
-                    x = ins[n].reshape(-1, ins[n].shape[-1]).detach()
-                    A0, B0, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
-                    fa[n] = fa[n] + probs[b, t, c] * s**2 * (g @ B0).square().T @ x.square()
-                    fb[n] = fb[n] + probs[b, t, c] * s**2 * g.square().T @ (x @ A0.T).square()
-    T = batch["input_ids"].numel()
-    return {n: v / T for n, v in fa.items()}, {n: v / T for n, v in fb.items()}
+    """diag's FA, FB under the model's own predictive distribution."""
+    def terms(m, x, g):
+        A0, B0, s = m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), m.scaling["default"]
+        return {"FA": s**2 * (g @ B0).square().T @ x.square(), "FB": s**2 * g.square().T @ (x @ A0.T).square()}
+    exact = _true_fisher(model, batch, terms)
+    return {n: d["FA"] for n, d in exact.items()}, {n: d["FB"] for n, d in exact.items()}
 
 
 def test_mc_weights_every_factor_once_per_token():
