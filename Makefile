@@ -6,6 +6,11 @@
 PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
+# every other package at the versions the suite last passed with (constraints.txt); CONSTRAINTS=
+# (empty) lets pip resolve the newest ones instead, and is the default with your own torch (TORCH=),
+# whose triton the pins must not replace
+CONSTRAINTS ?= $(if $(TORCH),constraints.txt)
+PIPC := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench peers
@@ -13,12 +18,12 @@ setup: $(VENV)/.installed
 
 # --no-build-isolation: setup.py builds the C++ CPU kernels (lalora_kernels._C, from csrc/) against
 # the torch installed here; an isolated build would not see torch and would skip them.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp) $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	[ -z "$(TORCH)" ] || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q "setuptools>=68" wheel ninja
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,plot]"
+	[ -z "$(TORCH)" ] || $(BIN)/python -m pip install -q $(PIPC) "$(TORCH)"
+	$(BIN)/python -m pip install -q $(PIPC) "setuptools>=68" wheel ninja
+	$(BIN)/python -m pip install -q $(PIPC) --no-build-isolation -e ".[dev,plot]"
 	$(BIN)/python -c "import lalora_kernels as L; b = L.backends(); assert b['cpp']['available'] or '$(LALORA_BUILD_CPP)' == '0', b; print('backends:', b['cpu'], b['default_storage'])"
 	touch $@
 
@@ -43,7 +48,7 @@ bench: setup
 # it replace the pinned torch: its backpack dependency would pull torchvision and a newer torch.
 peers: $(VENV)/.peers
 
-$(VENV)/.peers: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --no-deps curvlinops-for-pytorch backpack-for-pytorch einconv \
+$(VENV)/.peers: $(VENV)/.installed $(CONSTRAINTS)
+	$(BIN)/python -m pip install -q $(PIPC) --no-deps curvlinops-for-pytorch backpack-for-pytorch einconv \
 	  linear_operator opt-einsum unfoldNd einops scipy
 	touch $@
