@@ -19,8 +19,8 @@ traces through them into the kernels. ``backends()`` reports what is active.
 ``grouped_gram``'s backward is ``dD = (dG + dG^T) Q`` per item: it reuses the Q of the forward and never reads
 S again, so one penalty step reads every factor exactly once.
 ``grouped_gram_quad`` is the kfac/tri penalty in one op: the same products with the epilogue (value
-and the gradient ``dD = (W + W^T) Q``, ``W = dv/dG``) fused behind them, in C++ for packed factors
-on the CPU.
+and the gradient ``dD = (W + W^T) Q``, ``W = dv/dG``) fused behind them: in C++ for packed factors
+on the CPU, in the Triton product kernels (``triton.quad``) for items of at most 64 rows.
 """
 from __future__ import annotations
 
@@ -147,6 +147,9 @@ def grouped_gram_quad(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pai
     kernel = _kernel_for(D, arena, cpp=tile > 0)
     if kernel == "cpp":
         return torch.ops.lalora_cpp.packed_gram_quad(D, arena, classes, tile, C, grad)
+    if kernel == "triton":
+        from .triton.quad import grouped_gram_quad as triton_kernel
+        return triton_kernel(D.float(), arena, items, work, pairs, plan, classes, tile, C, grad)
     G, Q = _gram(kernel, D, arena, items, work, pairs, plan, classes, tile)
     return reference.gram_quad(G, Q, classes, C, grad)
 

@@ -195,12 +195,45 @@ def test_grouped_gram_quad_on_triton_backend(monkeypatch, tile):
     v_ref, g_ref = quad_oracle(D, arena, flat, C)
     args = (arena, tabs, plan, flat) if tile == 0 else (P, ptabs, pplan, pflat)
     monkeypatch.setenv("LALORA_BACKEND", "triton")
+    from lalora_kernels.triton import quad
+    calls, launcher = [], quad.grouped_gram_quad
+    monkeypatch.setattr(quad, "grouped_gram_quad", lambda *a: calls.append(a[7]) or launcher(*a))
     Dg = D.to(DEV).requires_grad_()
     v, dD = torch.ops.lalora.grouped_gram_quad(Dg, args[0].to(DEV), *[t.to(DEV) for t in args[1]], args[2],
                                                args[3], tile, C.to(DEV), True)
     v.backward()
     assert rel_err(v.detach().cpu(), v_ref) < 1e-5
     assert rel_err(dD.cpu(), g_ref) < 1e-5 and torch.equal(Dg.grad, dD)
+    assert calls == [tile], "the op must run the fused Triton launcher"
+
+
+@pytest.mark.parametrize("tile", [0, 32])
+@pytest.mark.parametrize("classes", [[(64, 7, 3), (129, 24, 2), (5, 3, 1), (70, 40, 1), (33, 17, 1)],
+                                     [(40, 70, 1), (33, 9, 2), (100, 64, 1), (20, 130, 1), (12, 1, 2)]])
+@pytest.mark.parametrize("arena_dtype", [torch.float32, torch.bfloat16])
+def test_fused_quad_kernel(tile, classes, arena_dtype):
+    """grouped_gram_quad's Triton launcher: the epilogue fused into the product kernels for items of
+    one row tile (R <= 64), the two-pass path for R = 70 and 130 (several row tiles) in the same
+    bucket as fused R = 64 items; value and gradient vs the float64 oracle, grad=False, same bits."""
+    from test_packed import _packed_problem, quad_oracle, quad_problem
+
+    from lalora_kernels.triton import quad
+    (D, arena, tabs, plan, flat), (P, ptabs, pplan, pflat) = _packed_problem(classes, 32, torch.float32)
+    arena = arena.to(arena_dtype).float()                  # the oracle sees the factors as stored
+    P = P.to(arena_dtype).float()                          # packing commutes with rounding
+    C = quad_problem(classes, torch.float32, seed=3)
+    v_ref, g_ref = quad_oracle(D, arena, flat, C)
+    S, t, pl, fl = (arena, tabs, plan, flat) if tile == 0 else (P, ptabs, pplan, pflat)
+    call = lambda grad: quad.grouped_gram_quad(D.to(DEV), S.to(arena_dtype).to(DEV),  # noqa: E731
+                                               *[x.to(DEV) for x in t], pl, fl, tile, C.to(DEV), grad)
+    v, dD = call(True)
+    assert v.shape == () and dD.shape == D.shape
+    assert rel_err(v.cpu(), v_ref) < 1e-5
+    assert rel_err(dD.cpu(), g_ref) < 1e-5
+    v2, dD2 = call(True)
+    assert torch.equal(v, v2) and torch.equal(dD, dD2), "fused penalty must be deterministic"
+    v3, none = call(False)
+    assert none.numel() == 0 and torch.equal(v3, v)
 
 
 @pytest.mark.parametrize("variant", ["kfac", "tri", "wkfac"])

@@ -49,13 +49,9 @@ def gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R: tl.constexp
 
 
 @triton.jit
-def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rt, pj, s_off, n, d_off, R = work_item(items, work, w_start + pid)
-    rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
-    rj = pj * BLOCK_N + tl.arange(0, BLOCK_N)
+def dense_panel(D, S, s_off, n, d_off, R, rr, rj, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """q = D[rows rr, :] S[:, columns rj] for a dense factor (column panel read once)."""
     q = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -64,11 +60,25 @@ def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
         s = tl.load(S + s_off + rk[:, None] * n + rj[None, :],
                     mask=(rk[:, None] < n) & (rj[None, :] < n), other=0.0).to(tl.float32)
         q += tl.dot(d, s, input_precision=PRECISION)
+    return q
+
+
+@triton.jit
+def _gram_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rt, pj, s_off, n, d_off, R = work_item(items, work, w_start + pid)
+    rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    rj = pj * BLOCK_N + tl.arange(0, BLOCK_N)
+    q = dense_panel(D, S, s_off, n, d_off, R, rr, rj, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)
     gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R, PRECISION)
 
 
 @triton.jit
-def _gram_reduce_kernel(Gp, G, items, pairs, p_start, cols, BLOCK_R: tl.constexpr):
+def _gram_reduce_kernel(Gp, G, items, pairs, p_start, cols, BLOCK_R: tl.constexpr, ONLY_WIDE: tl.constexpr):
+    """G's row tile of one (item, row tile) pair: the sum of its panels' shares, in panel order.
+    ONLY_WIDE: only items of several row tiles (the others wrote no shares: ``quad``)."""
     p = p_start + tl.program_id(0)
     item = tl.load(pairs + 4 * p)
     rt = tl.load(pairs + 4 * p + 1)
@@ -78,7 +88,7 @@ def _gram_reduce_kernel(Gp, G, items, pairs, p_start, cols, BLOCK_R: tl.constexp
     g_off = tl.load(items + 5 * item + 4)
     rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     local = tl.arange(0, BLOCK_R)
-    for c0 in range(0, R, BLOCK_R):
+    for c0 in range(0, tl.where(ONLY_WIDE and R <= BLOCK_R, 0, R), BLOCK_R):
         rc = c0 + tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
         for k in range(0, panels):
@@ -102,7 +112,8 @@ def launch_buckets(panels_kernel, D: torch.Tensor, arena: torch.Tensor, items: t
         Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device)
         wrap_triton(panels_kernel)[(w1 - w0,)](D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br,
                                               PRECISION=FP32_DOT, num_warps=4, num_stages=3, **meta)
-        wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br, num_warps=4)
+        wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
+                                                      ONLY_WIDE=False, num_warps=4)
     return G, Q
 
 

@@ -98,13 +98,10 @@ def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Te
 
 
 @triton.jit
-def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
-                          BLOCK_R: tl.constexpr, T: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rt, tj, s_off, n, d_off, R = work_item(items, work, w_start + pid)
+def packed_panel(D, S, s_off, n, d_off, R, rr, tj, BLOCK_R: tl.constexpr, T: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """q = D[rows rr, :] S[:, column block tj] for a tile-packed factor (virtual column tj)."""
     nt = tl.cdiv(n, T)
-    rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
-    rj = tj * T + tl.arange(0, T)
     loc = tl.arange(0, T)
     q = tl.zeros((BLOCK_R, T), dtype=tl.float32)
     for k in range(0, nt):
@@ -120,6 +117,17 @@ def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
         # element [k, j] of S(ti, tj): the stored tile above the diagonal, its transpose below
         offs = tl.where(ti <= tj, loc[:, None] * T + loc[None, :], loc[None, :] * T + loc[:, None])
         q += tl.dot(d, tl.load(base + offs).to(tl.float32), input_precision=PRECISION)
+    return q
+
+
+@triton.jit
+def _packed_panels_kernel(D, S, Q, Gp, items, work, w_start, cols,
+                          BLOCK_R: tl.constexpr, T: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rt, tj, s_off, n, d_off, R = work_item(items, work, w_start + pid)
+    rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    rj = tj * T + tl.arange(0, T)
+    q = packed_panel(D, S, s_off, n, d_off, R, rr, tj, BLOCK_R, T, PRECISION)
     gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R, PRECISION)
 
 
