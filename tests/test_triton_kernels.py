@@ -234,6 +234,11 @@ def test_fused_quad_kernel(tile, classes, arena_dtype):
     assert torch.equal(v, v2) and torch.equal(dD, dD2), "fused penalty must be deterministic"
     v3, none = call(False)
     assert none.numel() == 0 and torch.equal(v3, v)
+    with pytest.raises(ValueError, match="C has"):
+        quad.grouped_gram_quad(D.to(DEV), S.to(DEV), *[x.to(DEV) for x in t], pl, fl, tile, C[1:].to(DEV), True)
+    v0, d0 = quad.grouped_gram_quad(D[:0].to(DEV), S[:0].to(DEV), *[x[:0].to(DEV) for x in t], [], [], tile,
+                                    C[:0].to(DEV), True)
+    assert float(v0) == 0.0 and d0.numel() == 0
 
 
 @pytest.mark.parametrize("variant", ["kfac", "tri", "wkfac"])

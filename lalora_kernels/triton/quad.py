@@ -79,8 +79,11 @@ def grouped_gram_quad(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor,
                          f"{arena.dtype}")
     if tile:
         _check_tile(tile)
-    C = C.to(torch.float32)
     shapes = [(classes[c + 1], classes[c + 2]) for c in range(0, len(classes), 6)]      # (R, m)
+    if C.numel() != sum(R * R * m for R, m in shapes):
+        raise ValueError(f"C has {C.numel()} numbers; it must hold {sum(R * R * m for R, m in shapes)} "
+                         "(one per entry of G)")
+    C = C.to(torch.float32)
     wide = [R > GramLayout.block_r(R) for R, _ in shapes]       # items with several row tiles
     dD = torch.empty_like(D) if grad else D.new_empty(0)
     unused = D.new_empty(0)        # for pointers a launch never writes through (never an input)
@@ -100,7 +103,7 @@ def grouped_gram_quad(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor,
             wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
                                                           ONLY_WIDE=True, num_warps=4)
         shares.append(Vp)
-    v = torch.cat(shares).sum()
+    v = torch.cat(shares).sum() if shares else D.new_zeros(())
     if any(wide):             # the epilogue of the items with several row tiles, as torch ops
         views = zip(wide, class_views(C, classes, "G"), class_views(G, classes, "G"),
                     class_views(Q, classes, "D"), class_views(dD, classes, "D") if grad else wide)
