@@ -232,8 +232,9 @@ def test_fused_quad_kernel(tile, classes, arena_dtype):
     assert rel_err(dD.cpu(), g_ref) < 1e-5
     v2, dD2 = call(True)
     assert torch.equal(v, v2) and torch.equal(dD, dD2), "fused penalty must be deterministic"
-    v3, none = call(False)
-    assert none.numel() == 0 and torch.equal(v3, v)
+    if arena_dtype == torch.float32:        # grad=False once per layout (each variant is a GPU compile)
+        v3, none = call(False)
+        assert none.numel() == 0 and torch.equal(v3, v)
     with pytest.raises(ValueError, match="C has"):
         quad.grouped_gram_quad(D.to(DEV), S.to(DEV), *[x.to(DEV) for x in t], pl, fl, tile, C[1:].to(DEV), True)
     v0, d0 = quad.grouped_gram_quad(D[:0].to(DEV), S[:0].to(DEV), *[x[:0].to(DEV) for x in t], [], [], tile,
