@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
@@ -101,8 +102,17 @@ def adapter_set(dev, shape, r, layers):
                                       sx_index=sx_index, Sg=Sg)
 
 
+def unfused_quad(D, arena, items, work, pairs, plan, classes, tile, C, grad):
+    """The kfac/tri penalty op without the fused epilogue: the grouped_gram kernels write Q and G,
+    then the epilogue runs as torch ops (what ``triton.quad`` replaced); for the side-by-side row."""
+    from lalora_kernels import ops, reference
+    G, Q = ops._gram("triton", D, arena, items, work, pairs, plan, classes, tile)
+    return reference.gram_quad(G, Q, classes, C, grad)
+
+
 def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
     from lalora_kernels import LaplacePenalty
+    from lalora_kernels.triton import quad
 
     def floor_of(nbytes):           # ms to read nbytes once at the measured copy bandwidth
         return nbytes / ceil["copy_GBps"] / 1e6
@@ -128,6 +138,8 @@ def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
             pen = LaplacePenalty(curv.to_layout("packed"), lam=1.0, normalize=None)
             os.environ["LALORA_BACKEND"] = "triton"
             times["packed"] = bench(lambda: pen(A, B).backward())
+            with mock.patch.object(quad, "grouped_gram_quad", unfused_quad):
+                times["packed_unfused"] = bench(lambda: pen(A, B).backward())
             packed_bytes = curv.memory_bytes()
             # and with bf16 factors (a quarter of the dense fp32 bytes; products in fp32)
             pen = None
@@ -148,6 +160,8 @@ def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
                          # from memory twice, toward 1x as the second loads hit L2
                          "packed_x_floor": round(times["packed"] / floor_of(packed_bytes), 2),
                          "packed_vs_dense": round(times["triton"] / times["packed"], 2),
+                         # the same step with the epilogue as torch ops after the products (Q written)
+                         "unfused_over_fused": round(times["packed_unfused"] / times["packed"], 2),
                          "packed_bf16_ms": round(times["packed_bf16"], 3),
                          "packed_bf16_x_floor": round(times["packed_bf16"] / floor_of(bf16_bytes), 2)})
             print(rows[-1], flush=True)
