@@ -38,7 +38,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "kernels_smoke.json").read_text())
     assert res["accumulation"] and res["penalty"] and res["ceilings"]["copy_GBps"] > 0
     assert all(r["packed_ms"] > 0 and r["packed_bytes_ratio"] < 0.8 and r["packed_x_floor"] > 0
-               and r["packed_bf16_ms"] > 0 for r in res["penalty"])
+               and r["packed_bf16_ms"] > 0 and r["unfused_over_fused"] > 0 for r in res["penalty"])
 
 
 def test_gpu_compile_check_smoke():
