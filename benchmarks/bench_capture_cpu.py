@@ -12,7 +12,7 @@ import warnings
 
 import torch.nn.functional as F
 
-from common import table, write
+from common import report
 from lalora_kernels import estimate_curvature
 from lalora_kernels.tiny import llama_lora, random_batches
 
@@ -64,10 +64,8 @@ def main():
                          "factors": sum(v for k, v in curv.num_factors().items() if k in ("Sx", "Sg")),
                          "factor_MiB": round(curv.memory_bytes() / 2**20, 2)})
             print(rows[-1], flush=True)
-    path = write("cpu_capture.json", rows, out=args.out, config=vars(args),
-                 what="estimate_curvature vs plain forward+backward over the same batches (best of interleaved repeats)")
-    print(table(rows, list(rows[0])))
-    print(f"wrote {path}")
+    report("cpu_capture.json", rows, out=args.out, config=vars(args),
+           what="estimate_curvature vs plain forward+backward over the same batches (best of interleaved repeats)")
 
 
 if __name__ == "__main__":

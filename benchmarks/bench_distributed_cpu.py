@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, table, write  # noqa: E402
+from common import interleaved_medians, report  # noqa: E402
 
 
 def _worker(rank, world, init_file, args, queue):
@@ -68,11 +68,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), args, queue), nprocs=2, join=True)
     rows = sorted(queue.get(), key=lambda r: (r["mode"], r["rank"]))
-    path = write("cpu_distributed.json", rows, out=args.out, config=vars(args),
-                 what="per-rank penalty forward+backward (median; the two modes timed in alternation) and "
-                      "factor bytes held, 2 gloo ranks")
-    print(table(rows, list(rows[0])))
-    print(f"wrote {path}")
+    report("cpu_distributed.json", rows, out=args.out, config=vars(args),
+           what="per-rank penalty forward+backward (median; the two modes timed in alternation) and "
+                "factor bytes held, 2 gloo ranks")
 
 
 if __name__ == "__main__":

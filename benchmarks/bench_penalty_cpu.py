@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from common import interleaved_medians, table, write
+from common import interleaved_medians, report
 from lalora_kernels import LaLoRARegularizer, estimate_curvature
 from lalora_kernels.lora_layers import find_lora_layers
 from lalora_kernels.tiny import llama_lora, random_batches
@@ -81,11 +81,9 @@ def main():
                      "loop_ms": round(t_l * 1e3, 3), "speedup": round(t_l / t_g, 2),
                      "factor_MiB": round(curv.memory_bytes() / 2**20, 2)})
         print(rows[-1], flush=True)
-    path = write("cpu_penalty.json", rows, out=args.out, config=vars(args),
-                 what="forward+backward of the penalty over all adapters, median seconds, grouped and loop "
-                      "timed in alternation")
-    print(table(rows, list(rows[0])))
-    print(f"wrote {path}")
+    report("cpu_penalty.json", rows, out=args.out, config=vars(args),
+           what="forward+backward of the penalty over all adapters, median seconds, grouped and loop "
+                "timed in alternation")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,14 @@ def write(name: str, rows: list[dict], out: str | None = None, **extra) -> Path:
     return path
 
 
+def report(name: str, rows: list[dict], out: str | None = None, **extra) -> Path:
+    """``write`` the rows, then print them as a table and where they went."""
+    path = write(name, rows, out, **extra)
+    print(table(rows, list(rows[0])))
+    print(f"wrote {path}")
+    return path
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     widths = [max(len(c), *(len(f"{r[c]}") for r in rows)) for c in cols]
     line = lambda vals: "| " + " | ".join(f"{v}".rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa

@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from common import interleaved_medians, table, write
+from common import interleaved_medians, report
 from lalora_kernels import _cpp
 from lalora_kernels.reference import TILE, pack
 
@@ -76,11 +76,9 @@ def main():
                      "packed_over_dense": round(g[1] / g[0], 2), "cached_over_dense": round(g[2] / g[0], 2),
                      "rows_split_over_dense": round(g[3] / g[0], 2), "ceiling_over_dense": round(g[4] / g[0], 2)})
         print(rows[-1], flush=True)
-    path = write("cpu_packed_diagnosis.json", rows, args.out, tile=T,
-                 what="GFLOP/s of the same multiply-adds: dense bmm (MKL) vs packed C++ streamed, packed "
-                      "C++ on a cache-resident factor, rows split in 16s, and square sgemm")
-    print(table(rows, list(rows[0])))
-    print(f"wrote {path}")
+    report("cpu_packed_diagnosis.json", rows, args.out, tile=T,
+           what="GFLOP/s of the same multiply-adds: dense bmm (MKL) vs packed C++ streamed, packed "
+                "C++ on a cache-resident factor, rows split in 16s, and square sgemm")
 
 
 if __name__ == "__main__":

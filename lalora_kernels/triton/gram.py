@@ -97,14 +97,18 @@ def _gram_reduce_kernel(Gp, G, items, pairs, p_start, cols, BLOCK_R: tl.constexp
         tl.store(G + g_off + rr[:, None] * R + rc[None, :], acc, mask=(rr[:, None] < R) & (rc[None, :] < R))
 
 
+def check_gram_operands(D: torch.Tensor, arena: torch.Tensor) -> None:
+    if arena.dtype not in (torch.float32, torch.bfloat16) or D.dtype != torch.float32:
+        raise ValueError(f"the Triton grouped product takes fp32 D and an fp32 or bf16 arena, got {D.dtype}, "
+                         f"{arena.dtype}")
+
+
 def launch_buckets(panels_kernel, D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor,
                    work: torch.Tensor, pairs: torch.Tensor, plan: list[int], g_size: int, **meta
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch of ``panels_kernel`` per row-block bucket of ``plan``, each followed by the
     deterministic reduction of its Gram shares; shared by the dense and packed launchers."""
-    if arena.dtype not in (torch.float32, torch.bfloat16) or D.dtype != torch.float32:
-        raise ValueError(f"the Triton grouped product takes fp32 D and an fp32 or bf16 arena, got {D.dtype}, "
-                         f"{arena.dtype}")
+    check_gram_operands(D, arena)
     Q = torch.empty_like(D)
     G = torch.empty(g_size, dtype=torch.float32, device=D.device)
     for b in range(0, len(plan), 6):

@@ -19,9 +19,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..grouping import GramLayout
-from ..reference import class_views
+from ..reference import class_views, gram_numel
 from .common import FP32_DOT
-from .gram import PANEL, _gram_reduce_kernel, dense_panel, gram_share, work_item
+from .gram import PANEL, _gram_reduce_kernel, check_gram_operands, dense_panel, gram_share, work_item
 from .packed import _check_tile, packed_panel
 
 
@@ -74,36 +74,32 @@ def grouped_gram_quad(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor,
                       grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: D (d_size,) fp32, arena fp32/bf16 (dense factors for tile 0, else tile-packed), C
     like G, tables from ``GramLayout(classes, tile=tile).tables()``. Returns (v, dD or empty)."""
-    if arena.dtype not in (torch.float32, torch.bfloat16) or D.dtype != torch.float32:
-        raise ValueError(f"the Triton grouped product takes fp32 D and an fp32 or bf16 arena, got {D.dtype}, "
-                         f"{arena.dtype}")
+    check_gram_operands(D, arena)
     if tile:
         _check_tile(tile)
-    shapes = [(classes[c + 1], classes[c + 2]) for c in range(0, len(classes), 6)]      # (R, m)
-    if C.numel() != sum(R * R * m for R, m in shapes):
-        raise ValueError(f"C has {C.numel()} numbers; it must hold {sum(R * R * m for R, m in shapes)} "
-                         "(one per entry of G)")
+    g_size = gram_numel(classes)
+    if C.numel() != g_size:
+        raise ValueError(f"C has {C.numel()} numbers; it must hold {g_size} (one per entry of G)")
     C = C.to(torch.float32)
-    wide = [R > GramLayout.block_r(R) for R, _ in shapes]       # items with several row tiles
+    ranks = classes[1::6]
+    wide = [R > GramLayout.block_r(R) for R in ranks]           # classes with several row tiles
     dD = torch.empty_like(D) if grad else D.new_empty(0)
     unused = D.new_empty(0)        # for pointers a launch never writes through (never an input)
     Q = torch.empty_like(D) if any(wide) else unused
-    G = torch.empty(sum(R * R * m for R, m in shapes), dtype=torch.float32, device=D.device) if any(wide) else unused
-    shares = []
+    G = torch.empty(g_size, dtype=torch.float32, device=D.device) if any(wide) else unused
+    Vp = torch.empty(plan[-5] if plan else 0, dtype=torch.float32, device=D.device)  # a share per program
     for b in range(0, len(plan), 6):
         w0, w1, p0, p1, br, cols = plan[b:b + 6]
-        two_pass = any(w and GramLayout.block_r(R) == br for w, (R, _) in zip(wide, shapes))
-        Vp = torch.empty(w1 - w0, dtype=torch.float32, device=D.device)
+        two_pass = any(w and GramLayout.block_r(R) == br for w, R in zip(wide, ranks))
         Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device) if two_pass else unused
         wrap_triton(_quad_panels_kernel)[(w1 - w0,)](
-            D, arena, Q, Gp, C, dD if grad else unused, Vp, items, work, w0, cols, BLOCK_R=br,
+            D, arena, Q, Gp, C, dD if grad else unused, Vp[w0:w1], items, work, w0, cols, BLOCK_R=br,
             BLOCK_N=tile or PANEL, BLOCK_K=64, TILE=tile, GRAD=grad, PRECISION=FP32_DOT,
             num_warps=4, num_stages=3)
         if two_pass:
             wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
                                                           ONLY_WIDE=True, num_warps=4)
-        shares.append(Vp)
-    v = torch.cat(shares).sum() if shares else D.new_zeros(())
+    v = Vp.sum()                   # shares in work order: the same bits run to run
     if any(wide):             # the epilogue of the items with several row tiles, as torch ops
         views = zip(wide, class_views(C, classes, "G"), class_views(G, classes, "G"),
                     class_views(Q, classes, "D"), class_views(dD, classes, "D") if grad else wide)
