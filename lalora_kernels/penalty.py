@@ -66,6 +66,8 @@ class LaplacePenalty(nn.Module):
         self.variant, self.lam, self.delta, self.norm = curvature.variant, float(lam), float(prior_precision), c
         self.names = list(curvature.adapters)
         self.infos: list[AdapterInfo] = list(curvature.adapters.values())
+        self._want = ([torch.Size((a.rank, a.in_features)) for a in self.infos],     # A and B shapes,
+                      [torch.Size((a.out_features, a.rank)) for a in self.infos])    # checked every step
         self._pos = {n: k for k, n in enumerate(self.names)}
         stored = curvature.factor_dtype
         if stored not in (torch.float32, torch.float64, torch.bfloat16):
@@ -204,6 +206,14 @@ class LaplacePenalty(nn.Module):
     def _k(self, t: Optional[Tensor], shape) -> Tensor:
         return torch.zeros(shape, dtype=self._dtype, device=self._device) if t is None else t
 
+    def _shape_error(self, A: Sequence[Tensor], B: Sequence[Tensor]) -> None:
+        for k, (a, b, info) in enumerate(zip(A, B, self.infos)):
+            if a.shape != (info.rank, info.in_features) or b.shape != (info.out_features, info.rank):
+                raise ValueError(
+                    f"adapter {k} ({self.names[k]!r}): A[{k}] is {tuple(a.shape)} and B[{k}] is {tuple(b.shape)}, "
+                    f"but the curvature was estimated for A ({info.rank}, {info.in_features}) and B "
+                    f"({info.out_features}, {info.rank}); pass the weights in curvature.adapters order")
+
     # ---- evaluation ---------------------------------------------------------------------------
     def forward(self, A: Sequence[Tensor], B: Sequence[Tensor]) -> Tensor:
         if len(A) != len(self.names) or len(B) != len(self.names):
@@ -213,12 +223,8 @@ class LaplacePenalty(nn.Module):
         if A[0].device != dev:
             raise ValueError(f"LoRA weights are on {A[0].device} but the penalty's factors are on {dev}; "
                              f"move the regulariser with .to({str(A[0].device)!r})")
-        for k, (a, b, info) in enumerate(zip(A, B, self.infos)):
-            if a.shape != (info.rank, info.in_features) or b.shape != (info.out_features, info.rank):
-                raise ValueError(
-                    f"adapter {k} ({self.names[k]!r}): A[{k}] is {tuple(a.shape)} and B[{k}] is {tuple(b.shape)}, "
-                    f"but the curvature was estimated for A ({info.rank}, {info.in_features}) and B "
-                    f"({info.out_features}, {info.rank}); pass the weights in curvature.adapters order")
+        if [a.shape for a in A] != self._want[0] or [b.shape for b in B] != self._want[1]:
+            self._shape_error(A, B)
         no_autocast = (torch.autocast(device_type=dev.type, enabled=False)   # small products stay in fp32
                        if torch.amp.is_autocast_available(dev.type) else contextlib.nullcontext())
         with no_autocast:
