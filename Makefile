@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 
 # --no-build-isolation: setup.py builds the C++ CPU kernels (lalora_kernels._C, from csrc/) against
 # the torch installed here; an isolated build would not see torch and would skip them.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp) $(CONSTRAINTS)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h) $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	[ -z "$(TORCH)" ] || $(BIN)/python -m pip install -q $(PIPC) "$(TORCH)"
@@ -31,11 +31,20 @@ demo: setup
 	$(BIN)/lalora demo
 
 # The suite runs on the default backends (C++ and packed factors on CPU), then the tests that
-# exercise the ops, penalty and capture again on the pure-PyTorch reference (dense factors).
+# exercise the ops, penalty and capture again on the pure-PyTorch reference (dense factors), then
+# the kernel tests on the other CPU code paths this machine can take, so that no result depends on
+# the CPU CI happens to run on: our C++ kernels, ATen and MKL each capped at AVX2, then at their
+# generic paths. (Inductor miscompiles under a capped ATEN_CPU_CAPABILITY; the -m filter leaves
+# its two tests to the first pass.)
+KERNEL_TESTS := tests/test_packed.py tests/test_ops.py tests/test_capture.py
 test: setup peers
 	$(BIN)/python -m pytest -q
 	LALORA_BACKEND=torch $(BIN)/python -m pytest -q tests/test_ops.py tests/test_penalty.py \
 	  tests/test_capture.py tests/test_api.py tests/test_distributed.py
+	LALORA_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	  $(BIN)/python -m pytest -q -m "not inductor" $(KERNEL_TESTS)
+	LALORA_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
+	  $(BIN)/python -m pytest -q -m "not inductor" $(KERNEL_TESTS)
 
 bench: setup
 	$(BIN)/lalora bench --repeats 5 --out benchmarks/results/lalora_bench

@@ -48,6 +48,15 @@ def available() -> bool:
     return load() is None
 
 
+def capability() -> Optional[str]:
+    """The instruction set the C++ kernels run on ('avx512', 'avx2' or 'default'; capped by
+    LALORA_CPU_CAPABILITY or ATEN_CPU_CAPABILITY), or None without ``_C``."""
+    if not available():
+        return None
+    import torch
+    return torch.ops.lalora_cpp.cpu_capability()
+
+
 class CppFallbackWarning(UserWarning):
     """The C++ CPU kernels are unavailable; the reference backend runs instead."""
 

@@ -220,6 +220,14 @@ class _Capture:
             r.A.grad, r.B.grad = None, None
         return int(valid.sum())
 
+    def packed_dims(self) -> dict[str, int]:
+        """n of every tile-packed accumulator."""
+        if not self.tile:
+            return {}
+        dims = {r.name: r.shape for r in self.refs}
+        return {k: dims[k.split("/", 1)[1]][0 if k.startswith("Sx/") else 1]
+                for k in self.sums if k.startswith(("Sx/", "Sg/"))}
+
     # -- result ---------------------------------------------------------------------------------
     def result(self, fisher: str, mc_samples: int, num_tokens: int) -> LoRACurvature:
         plan = self.plan
@@ -303,7 +311,7 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
             nb += 1
     if nb == 0:
         raise ValueError("batches is empty: pass at least one batch of source (proxy) data")
-    num_tokens = all_reduce_sums(cap.sums, num_tokens)   # no-op outside torch.distributed
+    num_tokens = all_reduce_sums(cap.sums, num_tokens, cap.packed_dims(), cap.tile)   # no-op outside torch.distributed
     if num_tokens == 0:
         raise ValueError("every token of every batch is masked out (attention_mask all 0)")
     if cap.plan.degenerate:

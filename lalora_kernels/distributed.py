@@ -2,7 +2,9 @@
 
 Each rank accumulates factor *sums* over its own data shard; ``all_reduce_sums`` adds them once at
 the end. Symmetric sums travel as their upper triangle only, packed into buckets of about
-``BUCKET_BYTES`` so that a model's hundreds of factors cost a handful of collectives.
+``BUCKET_BYTES`` so that a model's hundreds of factors cost a handful of collectives, and come back
+exactly symmetric (mirrored; a reduction may sum the two halves of a packed diagonal tile in
+different orders over three or more ranks).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .reference.packed import mirror_diagonal_tiles_
 
 BUCKET_BYTES = 64 << 20
 SYMMETRIC = ("Sx/", "Sg/", "Caa/", "Cbb/")
@@ -47,8 +51,10 @@ def _unpack(t: torch.Tensor, key: str, flat: torch.Tensor) -> None:
         t.copy_(flat.view_as(t))
 
 
-def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int) -> int:
-    """Sum every rank's accumulators in place and return the total token count."""
+def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int, packed: Optional[dict[str, int]] = None,
+                    tile: int = 0) -> int:
+    """Sum every rank's accumulators in place and return the total token count. ``packed`` maps
+    the keys of tile-packed factors (tile ``tile``) to their n."""
     rank, size = world()
     if size == 1:
         return num_tokens
@@ -73,6 +79,8 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int) -> int:
                 _unpack(sums[b], b, flat[off:off + n])
                 off += n
             bucket, size_bytes = [], 0
+    for key, n in (packed or {}).items():
+        mirror_diagonal_tiles_(sums[key], n, tile)
     count = torch.tensor([num_tokens], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         count = count.cuda()

@@ -6,8 +6,11 @@ import torch
 
 
 def spd(n, dtype=torch.float64, tokens=None):
+    """A random covariance, exactly symmetric by construction (``a + b == b + a`` in floating
+    point), not by trusting the GEMM to sum ``[i, j]`` and ``[j, i]`` in the same order."""
     X = torch.randn(tokens or 2 * n + 3, n, dtype=dtype)
-    return X.T @ X / X.shape[0]
+    S = X.T @ X / X.shape[0]
+    return 0.5 * (S + S.T)
 
 
 def dense_kfac_blocks(variant, s, A0, B0, Sx, Sg):

@@ -138,6 +138,7 @@ def test_diag_quad_value_and_grad():
 
 
 @pytest.mark.parametrize("variant", ["tri", "wkfac"])
+@pytest.mark.inductor
 def test_compile_fullgraph_task_loss_plus_penalty(variant):
     from models import batches, tiny_llama
     model = tiny_llama(torch.float32, layers=1, targets=["q_proj", "v_proj", "down_proj"])

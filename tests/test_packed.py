@@ -66,6 +66,18 @@ def test_pack_unpack_round_trip_is_exact(n, tile):
         assert P[tile * tile + 1] == S[0, tile + 1]
 
 
+@pytest.mark.parametrize("tile", [1, 8, 32])
+def test_pack_reads_the_upper_triangle_only(tile):
+    """Whatever a caller's lower triangle holds (a GEMM's rounding, or garbage), the packed factor is
+    that of the upper triangle mirrored: exactly symmetric, and the same on every CPU."""
+    n = 45
+    S = torch.randn(n, n, dtype=torch.float64)
+    P = pack(S, tile)
+    sym = S.triu() + S.triu(1).T
+    assert torch.equal(P, pack(sym, tile))
+    assert torch.equal(unpack(P, n, tile), sym)
+
+
 @pytest.mark.parametrize("n", [1024, 2048, 4096])
 def test_packed_bytes_at_most_052_of_dense(n):
     assert packed_numel(n, TILE) / n ** 2 <= 0.52
@@ -401,3 +413,22 @@ def test_fallback_when_extension_cannot_be_imported():
     env = {k: v for k, v in os.environ.items() if k != "LALORA_BACKEND"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_cpu_capability_is_chosen_at_run_time_and_capped_by_the_environment():
+    """One build carries the tile products for every x86 level; LALORA_CPU_CAPABILITY (else
+    ATEN_CPU_CAPABILITY) caps the one in use, which is how make test runs them all on one CPU."""
+    code = "import lalora_kernels._cpp as c; print(c.capability())"
+    def run(**env):
+        full = {k: v for k, v in os.environ.items() if not k.endswith("CPU_CAPABILITY")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**full, **env},
+                             timeout=300)
+        return out.returncode, out.stdout.strip(), out.stderr
+    rc, best, err = run()
+    assert rc == 0 and best in ("avx512", "avx2", "default"), err[-2000:]
+    assert run(LALORA_CPU_CAPABILITY="default")[1] == "default"
+    assert run(ATEN_CPU_CAPABILITY="default")[1] == "default"
+    assert run(LALORA_CPU_CAPABILITY="avx2")[1] == ("default" if best == "default" else "avx2")
+    assert run(LALORA_CPU_CAPABILITY="avx512")[1] == best          # a cap never raises the level
+    rc, _, err = run(LALORA_CPU_CAPABILITY="sse9")
+    assert rc != 0 and "LALORA_CPU_CAPABILITY=sse9 is unknown; use default, avx2 or avx512" in err

@@ -10,20 +10,23 @@ from typing import Optional
 
 import torch
 
+from .packed import mirror_upper
+
 Tensor = torch.Tensor
 
 
 def finalize(A0: Tensor, B0: Tensor, Sx: Optional[Tensor], Sg: Optional[Tensor]) -> dict[str, Tensor]:
-    """SPEC section 3: Ka = A* Sx, Caa = A* Sx A*^T, Kb = Sg B*, Cbb = B*^T Sg B* (what exists)."""
+    """SPEC section 3: Ka = A* Sx, Caa = A* Sx A*^T, Kb = Sg B*, Cbb = B*^T Sg B* (what exists).
+    Caa and Cbb are exactly symmetric (mirrored from their upper triangles)."""
     out: dict[str, Tensor] = {}
     if Sx is not None:
         A0 = A0.to(Sx.dtype)
         out["Ka"] = A0 @ Sx
-        out["Caa"] = out["Ka"] @ A0.T
+        out["Caa"] = mirror_upper(out["Ka"] @ A0.T)
     if Sg is not None:
         B0 = B0.to(Sg.dtype)
         out["Kb"] = Sg @ B0
-        out["Cbb"] = B0.T @ out["Kb"]
+        out["Cbb"] = mirror_upper(B0.T @ out["Kb"])
     return out
 
 

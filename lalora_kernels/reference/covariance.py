@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .packed import mirror_upper
+
 # Column-panel width of the one-triangle update. Panels are wide enough for BLAS to run at full
 # speed, and with n/256 panels only about (1 + 256/n)/2 of the full GEMM's multiply-adds are done.
 SYRK_PANEL = 256
@@ -29,8 +31,9 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] =
 
     S: (n, n) fp32/fp64, X: (..., n) any float dtype (leading dims flattened to N rows),
     mask: (...) bool or 0/1 with X's leading shape, rows with mask == 0 are skipped.
-    Only the upper panels of the product are computed; the lower ones are their transposes, so a
-    symmetric S stays exactly (bitwise) symmetric.
+    Only the upper panels of the product are computed; the lower ones are their transposes and a
+    diagonal block adds the mirror of its upper triangle, so a symmetric S stays exactly (bitwise)
+    symmetric whatever order the GEMM summed in.
     """
     X = _valid_rows(X, mask, S.dtype)
     n = X.shape[1]
@@ -38,7 +41,7 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] =
         hi = min(lo + SYRK_PANEL, n)
         panel = X[:, lo:hi].T @ X[:, lo:]            # rows lo:hi, columns lo:n
         diag = panel[:, : hi - lo]
-        S[lo:hi, lo:hi].add_(diag.triu() + diag.triu(1).T, alpha=weight)   # exactly symmetric
+        S[lo:hi, lo:hi].add_(mirror_upper(diag), alpha=weight)
         S[lo:hi, hi:].add_(panel[:, hi - lo:], alpha=weight)
         S[hi:, lo:hi].add_(panel[:, hi - lo:].T, alpha=weight)
 

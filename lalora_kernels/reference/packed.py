@@ -8,8 +8,10 @@ upper triangle, each as a contiguous row-major T x T block:
     packed[index(I, J) * T^2 + a * T + b] = S[I*T + a, J*T + b]   (0 outside n)
 
 so a packed factor holds ``nt (nt + 1) / 2 * T^2`` numbers, about ``(1 + T/n) / 2`` of the dense
-``n^2``. Diagonal tiles are stored whole and are exactly symmetric. The tiles of one tile row are
-contiguous, so a backend can stream a tile row with unit stride.
+``n^2``. Diagonal tiles are stored whole and are exactly symmetric: every writer builds them from
+their upper triangle (``mirror_upper``), never from a product that merely ought to be symmetric (no
+BLAS promises that ``(X^T X)[i, j]`` and ``[j, i]`` are summed in the same order). The tiles of one
+tile row are contiguous, so a backend can stream a tile row with unit stride.
 
 This module is the oracle of every packed kernel: ``pack``/``unpack`` (an exact round trip),
 ``packed_cov_update_`` and ``packed_sym_gram`` (``Q = D S``, ``G = D S D^T``) read and write only the
@@ -54,8 +56,16 @@ def _tiles(P: torch.Tensor, n: int, tile: int) -> torch.Tensor:
     return P.view(-1, tile, tile)
 
 
+def mirror_upper(S: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is that of S, for (..., n, n):
+    exactly symmetric whatever S's lower triangle holds."""
+    return S.triu() + S.triu(1).transpose(-1, -2)
+
+
 def pack(S: torch.Tensor, tile: int = TILE) -> torch.Tensor:
-    """Dense symmetric (n, n) -> packed 1-D (reads the upper tiles; diagonal tiles are taken whole)."""
+    """Dense (n, n) -> packed 1-D, from S's upper triangle only: the packed factor is that of
+    ``mirror_upper(S)`` (S itself when S is exactly symmetric), so ``unpack(pack(S)) == S`` exactly
+    for every exactly symmetric S and ``pack(unpack(P)) == P`` for every packed P."""
     check_tile(tile)
     if S.dim() != 2 or S.shape[0] != S.shape[1]:
         raise ValueError(f"pack takes a square (n, n) factor, got shape {tuple(S.shape)}")
@@ -64,7 +74,21 @@ def pack(S: torch.Tensor, tile: int = TILE) -> torch.Tensor:
     pad = nt * tile - n
     full = torch.nn.functional.pad(S, (0, pad, 0, pad)).view(nt, tile, nt, tile).transpose(1, 2)
     I, J = torch.triu_indices(nt, nt, device=S.device)
-    return full[I, J].reshape(-1).contiguous()
+    tiles = full[I, J]
+    diag = I == J
+    tiles[diag] = mirror_upper(tiles[diag])
+    return tiles.reshape(-1).contiguous()
+
+
+def mirror_diagonal_tiles_(P: torch.Tensor, n: int, tile: int = TILE) -> torch.Tensor:
+    """Make every diagonal tile of a packed factor exactly symmetric from its upper triangle, in
+    place (after an elementwise reduction whose summation order may differ between the two halves
+    of a tile, e.g. a ring all-reduce over three or more ranks)."""
+    tiles = _tiles(P, n, tile)
+    nt = num_tiles(n, tile)
+    diag = torch.tensor([tile_row_start(I, nt) for I in range(nt)], device=P.device)
+    tiles[diag] = mirror_upper(tiles[diag])
+    return P
 
 
 def unpack(P: torch.Tensor, n: int, tile: int = TILE) -> torch.Tensor:
@@ -92,7 +116,8 @@ def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Te
     """S += weight * X^T diag(mask) X on a packed S (n = X.shape[-1]), in place.
 
     Tile row I is one product of X's columns I*T:(I+1)*T against columns I*T:, so about
-    (1 + T/n)/2 of the dense multiply-adds are done; diagonal tiles are symmetrised exactly.
+    (1 + T/n)/2 of the dense multiply-adds are done; a diagonal tile adds the mirror of its
+    product's upper triangle.
     """
     from .covariance import _valid_rows
     check_tile(tile)
@@ -104,8 +129,7 @@ def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Te
     for I in range(nt):
         lo = I * tile
         row = (Xv[:, lo:lo + tile].T @ Xv[:, lo:]).view(tile, nt - I, tile).transpose(0, 1)
-        d = row[0]
-        row = torch.cat([(d.triu() + d.triu(1).T).unsqueeze(0), row[1:]])
+        row = torch.cat([mirror_upper(row[0]).unsqueeze(0), row[1:]])
         start = tile_row_start(I, nt)
         tiles[start:start + nt - I].add_(row, alpha=weight)
 

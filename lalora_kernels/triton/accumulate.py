@@ -13,9 +13,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import INTERPRET, check_operands, dot_precision, live_rows, split_rows
+from .common import INTERPRET, check_operands, dot_precision, launch, live_rows, split_rows
 
 
 @triton.jit
@@ -86,7 +85,7 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor], 
     tiles = nt * (nt + 1) // 2
     k, rows = split_rows(tiles, N, splits)
     P = S if k == 1 else torch.zeros((k, n, n), dtype=torch.float32, device=S.device)
-    wrap_triton(_syrk_kernel)[(nt * nt, k)](
+    launch(_syrk_kernel)[(nt * nt, k)](
         X, m if m is not None else X, P, N, n, rows, X.stride(0), X.stride(1),
         0 if k == 1 else P.stride(0), float(weight), HAS_MASK=m is not None, BLOCK=block,
         BLOCK_K=64, PRECISION=dot_precision(X.dtype), UPCAST=INTERPRET,

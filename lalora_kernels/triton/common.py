@@ -14,6 +14,16 @@ TARGET_PROGRAMS = 264
 FP32_DOT = "ieee" if INTERPRET else "tf32x3"
 
 
+def launch(kernel):
+    """``kernel`` launchable from a ``triton_op``: ``wrap_triton(kernel)``, so that torch.compile
+    sees the launch; under the interpreter the kernel itself (before Triton 3.8 the interpreter's
+    ``triton.jit`` returns a function that ``wrap_triton`` refuses)."""
+    if INTERPRET:
+        return kernel
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     return FP32_DOT if dtype == torch.float32 else "ieee"
 

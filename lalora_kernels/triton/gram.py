@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import FP32_DOT
+from .common import FP32_DOT, launch
 
 PANEL = 64
 
@@ -114,9 +113,9 @@ def launch_buckets(panels_kernel, D: torch.Tensor, arena: torch.Tensor, items: t
     for b in range(0, len(plan), 6):
         w0, w1, p0, p1, br, cols = plan[b:b + 6]
         Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device)
-        wrap_triton(panels_kernel)[(w1 - w0,)](D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br,
+        launch(panels_kernel)[(w1 - w0,)](D, arena, Q, Gp, items, work, w0, cols, BLOCK_R=br,
                                               PRECISION=FP32_DOT, num_warps=4, num_stages=3, **meta)
-        wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
+        launch(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
                                                       ONLY_WIDE=False, num_warps=4)
     return G, Q
 

@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from .accumulate import syrk_tile
-from .common import INTERPRET, check_operands, dot_precision, split_rows
+from .common import INTERPRET, check_operands, dot_precision, launch, split_rows
 from .gram import gram_share, launch_buckets, work_item
 
 
@@ -89,7 +88,7 @@ def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Te
     ij = _tile_table(nt, X.device)
     k, rows = split_rows(tiles, N, splits)
     out = P if k == 1 else torch.zeros((k, P.numel()), dtype=torch.float32, device=P.device)
-    wrap_triton(_packed_syrk_kernel)[(tiles, k)](
+    launch(_packed_syrk_kernel)[(tiles, k)](
         X, m if m is not None else X, out, ij, N, n, rows, X.stride(0), X.stride(1),
         0 if k == 1 else out.stride(0), float(weight), HAS_MASK=m is not None, T=tile,
         BLOCK_K=64, PRECISION=dot_precision(X.dtype), UPCAST=INTERPRET, num_warps=4, num_stages=3)

@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..grouping import GramLayout
 from ..reference import class_views, gram_numel
-from .common import FP32_DOT
+from .common import FP32_DOT, launch
 from .gram import PANEL, _gram_reduce_kernel, check_gram_operands, dense_panel, gram_share, work_item
 from .packed import _check_tile, packed_panel
 
@@ -92,12 +91,12 @@ def grouped_gram_quad(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor,
         w0, w1, p0, p1, br, cols = plan[b:b + 6]
         two_pass = any(w and GramLayout.block_r(R) == br for w, R in zip(wide, ranks))
         Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device) if two_pass else unused
-        wrap_triton(_quad_panels_kernel)[(w1 - w0,)](
+        launch(_quad_panels_kernel)[(w1 - w0,)](
             D, arena, Q, Gp, C, dD if grad else unused, Vp[w0:w1], items, work, w0, cols, BLOCK_R=br,
             BLOCK_N=tile or PANEL, BLOCK_K=64, TILE=tile, GRAD=grad, PRECISION=FP32_DOT,
             num_warps=4, num_stages=3)
         if two_pass:
-            wrap_triton(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
+            launch(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
                                                           ONLY_WIDE=True, num_warps=4)
     v = Vp.sum()                   # shares in work order: the same bits run to run
     if any(wide):             # the epilogue of the items with several row tiles, as torch ops
