@@ -51,3 +51,20 @@ def test_packed_diagnosis_smoke(tmp_path):
          "--min-run-time", "0.01", "--out", str(tmp_path))
     row = json.loads((tmp_path / "cpu_packed_diagnosis.json").read_text())["rows"][0]
     assert row["packed_GFLOPs"] > 0 and row["cached_GFLOPs"] > 0 and row["rows_split_GFLOPs"] > 0
+
+
+def test_gpu_e2e_smoke(tmp_path):
+    """gpu_e2e.py's every phase (capture per variant with its floor, penalty per storage against a
+    training step, curvlinops) on a tiny model on the CPU."""
+    _run("gpu_e2e.py", "--smoke", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "gpu_e2e_smoke.json").read_text())["rows"]
+    assert not [r for r in rows if "status" in r]
+    capture = {r["variant"]: r for r in rows if r["phase"] == "capture"}
+    assert set(capture) == {"diag", "kfac", "tri", "wkfac", "curvlinops KFAC"}
+    assert all(r["seconds"] > 0 and r["factor_MiB"] > 0 for r in capture.values())
+    assert all(r["floor_s"] > 0 for v, r in capture.items() if v != "curvlinops KFAC")
+    penalty = {r["storage"]: r for r in rows if r["phase"] == "penalty"}
+    assert set(penalty) == {"packed bfloat16", "packed float32", "dense float32"}
+    assert penalty["packed bfloat16"]["factor_MiB"] < penalty["packed float32"]["factor_MiB"] \
+        < penalty["dense float32"]["factor_MiB"]
+    assert all(r["vs_step"] > 0 for r in penalty.values())
