@@ -36,11 +36,11 @@ demo: setup
 # the CPU CI happens to run on: our C++ kernels, ATen and MKL each capped at AVX2, then at their
 # generic paths. (Inductor miscompiles under a capped ATEN_CPU_CAPABILITY; the -m filter leaves
 # its two tests to the first pass.)
-KERNEL_TESTS := tests/test_packed.py tests/test_ops.py tests/test_capture.py
+KERNEL_TESTS := tests/test_op_*.py tests/test_cpu_kernels.py tests/test_packed_format.py tests/test_capture.py
 test: setup peers
 	$(BIN)/python -m pytest -q
-	LALORA_BACKEND=torch $(BIN)/python -m pytest -q tests/test_ops.py tests/test_penalty.py \
-	  tests/test_capture.py tests/test_api.py tests/test_distributed.py
+	LALORA_BACKEND=torch $(BIN)/python -m pytest -q tests/test_penalty.py tests/test_capture.py \
+	  tests/test_compile.py tests/test_api.py tests/test_distributed.py
 	LALORA_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	  $(BIN)/python -m pytest -q -m "not inductor" $(KERNEL_TESTS)
 	LALORA_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 \

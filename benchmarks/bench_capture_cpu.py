@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from common import report
 from lalora_kernels import estimate_curvature
-from lalora_kernels.tiny import llama_lora, random_batches
+from lalora_kernels.apps.tiny import llama_lora, random_batches
 
 
 def fwd_bwd(model, batches):

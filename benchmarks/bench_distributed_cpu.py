@@ -23,7 +23,7 @@ from common import interleaved_medians, report  # noqa: E402
 
 def _worker(rank, world, init_file, args, queue):
     from lalora_kernels import LaLoRARegularizer, estimate_curvature
-    from lalora_kernels.tiny import llama_lora, random_batches
+    from lalora_kernels.apps.tiny import llama_lora, random_batches
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -43,7 +43,7 @@ def _worker(rank, world, init_file, args, queue):
         model.zero_grad()
         rows = []
         for (mode, reg), t in zip(regs.items(), times):
-            held = sum(b.numel() * b.element_size() for b in reg.buffers())
+            held = reg.penalty.memory_bytes() if reg.penalty is not None else 0
             rows.append({"mode": mode, "rank": rank, "adapters": len(reg.penalty.names),
                          "factor_MiB": round(held / 2**20, 2), "penalty_ms": round(1e3 * t, 3)})
         gathered = [None] * world

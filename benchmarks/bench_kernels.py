@@ -102,17 +102,18 @@ def adapter_set(dev, shape, r, layers):
                                       sx_index=sx_index, Sg=Sg)
 
 
-def unfused_quad(D, arena, items, work, pairs, plan, classes, tile, C, grad):
+def unfused_quad(D, arena, classes, tile, C, grad):
     """The kfac/tri penalty op without the fused epilogue: the grouped_gram kernels write Q and G,
-    then the epilogue runs as torch ops (what ``triton.quad`` replaced); for the side-by-side row."""
-    from lalora_kernels import ops, reference
-    G, Q = ops._gram("triton", D, arena, items, work, pairs, plan, classes, tile)
-    return reference.gram_quad(G, Q, classes, C, grad)
+    then the epilogue runs as torch ops; for the side-by-side row."""
+    from lalora_kernels.reference.grouped_gram_quad import epilogue
+    from lalora_kernels.triton.grouped_gram import grouped_gram
+    G, Q = grouped_gram(D, arena, classes, tile)
+    return epilogue(G, Q, classes, C, grad)
 
 
 def penalty(dev, shapes, ranks, layer_caps, ceil) -> list[dict]:
     from lalora_kernels import LaplacePenalty
-    from lalora_kernels.triton import quad
+    from lalora_kernels.triton import grouped_gram_quad as quad
 
     def floor_of(nbytes):           # ms to read nbytes once at the measured copy bandwidth
         return nbytes / ceil["copy_GBps"] / 1e6

@@ -21,7 +21,7 @@ import torch
 
 from common import cpu_ceilings, interleaved_medians, table, write
 from lalora_kernels import LaplacePenalty, LoRACurvature, backends
-from lalora_kernels.reference import TILE, packed_numel
+from lalora_kernels.reference.packed_format import TILE, packed_numel
 
 
 def with_backend(name, fn):
@@ -92,7 +92,7 @@ def accumulate_row(n, tokens, min_time, gen):
     S = torch.zeros(n, n)
     P = torch.zeros(packed_numel(n, TILE))
     t_addmm, t_cpp = interleaved_medians([lambda: S.addmm_(X.T, X),
-                                          lambda: torch.ops.lalora_cpp.packed_cov_update_(P, X, None, 1.0, TILE)],
+                                          lambda: torch.ops.lalora.packed_cov_update_(P, X, None, 1.0, TILE)],
                                          min_time)
     row = {"n": n, "tokens": tokens, "addmm_dense_ms": round(t_addmm * 1e3, 2),
            "packed_cpp_ms": round(t_cpp * 1e3, 2), "speedup": round(t_addmm / t_cpp, 2),

@@ -15,7 +15,7 @@ import torch
 from common import interleaved_medians, report
 from lalora_kernels import LaLoRARegularizer, estimate_curvature
 from lalora_kernels.lora_layers import find_lora_layers
-from lalora_kernels.tiny import llama_lora, random_batches
+from lalora_kernels.apps.tiny import llama_lora, random_batches
 
 
 def loop_penalty(curv, refs, lam_c):

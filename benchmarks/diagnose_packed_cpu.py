@@ -3,7 +3,7 @@
 multiply-adds (R n^2 per bundle, ``bundles`` bundles of size n) five ways:
 
 * ``dense``: ``torch.bmm(D, S)`` on dense factors (the dense reference's product, MKL);
-* ``packed``: ``lalora_cpp::packed_gram`` on packed factors streamed from memory (the real case);
+* ``packed``: the C++ ``grouped_gram`` kernel on packed factors streamed from memory (the real case);
 * ``cached``: the same kernel on one small packed factor (n_small) that every bundle reads, so the
   factor stays in cache: what the kernel does when reading the factor costs nothing;
 * ``rows_split``: the R rows of each bundle as R/16 bundles of 16 rows (working set per tile 4x
@@ -21,7 +21,7 @@ import torch
 
 from common import interleaved_medians, report
 from lalora_kernels import _cpp
-from lalora_kernels.reference import TILE, pack
+from lalora_kernels.reference.packed_format import TILE, pack
 
 
 def classes_for(n, R, bundles, rows, per, shared):
@@ -45,7 +45,7 @@ def main():
     args = ap.parse_args()
     if _cpp.load() is not None:
         raise SystemExit(f"lalora_kernels._C is not available: {_cpp.load()}")
-    gram = torch.ops.lalora_cpp.packed_gram
+    gram = _cpp.module().grouped_gram
     n, ns, m, T = args.n, args.n_small, args.bundles, TILE
     X = torch.randn(64, n)
     S = X.T @ X / 64 + 0.1 * torch.eye(n)

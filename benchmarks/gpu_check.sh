@@ -18,7 +18,7 @@ cat "$OUT/env.txt"
 
 status=0
 # stage limits add up to 380 s; no -x, so that one failure does not hide the other results
-timeout -k 5 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+timeout -k 5 150 python3 -m pytest -q -p no:cacheprovider tests/test_op_*.py \
   tests/test_penalty.py tests/test_reference_math.py 2>&1 | tee "$OUT/correctness.txt" || status=1
 timeout -k 5 60 python3 benchmarks/gpu_compile_check.py 2>&1 | tee "$OUT/compile.txt" || status=1
 timeout -k 5 170 python3 benchmarks/bench_kernels.py --models 1b,3b,8b --layers 8b=8 --out "$OUT" \

@@ -39,7 +39,7 @@ from common import machine, table  # noqa: E402
 
 import lalora_kernels  # noqa: E402
 from lalora_kernels import LaLoRARegularizer, estimate_curvature  # noqa: E402
-from lalora_kernels.reference import packed_numel  # noqa: E402
+from lalora_kernels.reference.packed_format import packed_numel  # noqa: E402
 
 # hidden, MLP, heads, kv heads, layers, vocabulary (the models' own configs)
 SIZES = {"1b": (2048, 8192, 32, 8, 16, 128256), "3b": (3072, 8192, 24, 8, 28, 128256),
@@ -235,7 +235,7 @@ def curvlinops_row(model, proxy, t_fb, repeats) -> dict:
         from curvlinops import KFACLinearOperator
     except ImportError:
         return {**row, "status": "curvlinops not installed (benchmarks/gpu_e2e.sh installs it from .whl)"}
-    from lalora_kernels.bench import FlatLogits
+    from lalora_kernels.apps.bench import FlatLogits
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     data = [(b["input_ids"], b["labels"][:, 1:].flatten()) for b in proxy]
     loss = torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=-100)

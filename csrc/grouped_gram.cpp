@@ -1,5 +1,6 @@
-// lalora::grouped_gram and lalora::grouped_gram_quad on the CPU, for tile-packed factors:
-//   per bundle k:  Q_k = D_k S_k,  G_k = Q_k D_k^T;   quad: v = 1/2 <C, G>,  dD_k = (W_k + W_k^T) Q_k
+// lalora::grouped_gram on the CPU:  per bundle k:  Q_k = D_k S_k,  G_k = Q_k D_k^T
+// (classes: gram_classes.h). Dense factors (tile 0): one batched ATen GEMM per class. Tile-packed
+// factors:
 //
 // Each bundle's tile rows are cut into a few ranges of about equal tile counts; a task (bundle,
 // range) reads each of its tiles once, into its partial U (R x n): tile (I, J) adds D_I S_IJ to
@@ -15,6 +16,7 @@
 #include <array>
 
 #include "cpu_kernels.h"
+#include "gram_classes.h"
 #include "ops.h"
 #include "tile.h"
 
@@ -57,21 +59,50 @@ void gram_task(const CpuKernels& k, const at::Tensor& arena, int64_t s_off, cons
   k.gram_task_f64(arena.data_ptr<double>() + s_off, dp, R, nt, T, ld, I0, I1, U);
 }
 
+// Q and G for dense factors: per class, Q = D S and G = Q D^T as batched GEMMs.
+std::tuple<at::Tensor, at::Tensor> dense_gram(const at::Tensor& D, const at::Tensor& arena,
+                                              at::IntArrayRef classes, int64_t g_size) {
+  // zeros: entries no class covers (gaps a hand-made table may leave, empty classes) read as 0
+  at::Tensor Q = at::zeros({D.numel()}, D.options());
+  at::Tensor G = at::zeros({g_size}, D.options());
+  for (int64_t c = 0; c < (int64_t)classes.size() / CLASS_FIELDS; ++c) {
+    const GramClass k = GramClass::at(classes, c);
+    if (k.m == 0) continue;
+    const at::Tensor Dc = D.narrow(0, k.d_off, k.m * k.R * k.n).view({k.m, k.R, k.n});
+    const at::Tensor Sc = arena.narrow(0, k.s_off, k.m * k.n * k.n).view({k.m, k.n, k.n}).to(D.scalar_type());
+    at::Tensor Qc = Q.narrow(0, k.d_off, k.m * k.R * k.n).view({k.m, k.R, k.n});
+    at::bmm_out(Qc, Dc, Sc);
+    at::Tensor Gc = G.narrow(0, k.g_off, k.m * k.R * k.R).view({k.m, k.R, k.R});
+    at::bmm_out(Gc, Qc, Dc.transpose(1, 2));
+  }
+  return {G, Q};
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at::Tensor& arena,
-                                               at::IntArrayRef classes, int64_t tile) {
-  check_tile(tile);
-  TORCH_CHECK(tile <= 64, "packed_gram: tile=", tile, " is larger than the C++ kernels' 64");
-  TORCH_CHECK(arena.device().is_cpu() && D_in.device().is_cpu(), "packed_gram: CPU tensors only");
+std::tuple<at::Tensor, at::Tensor> grouped_gram(const at::Tensor& D_in, const at::Tensor& arena,
+                                                at::IntArrayRef classes, int64_t tile) {
+  TORCH_CHECK(tile >= 0 && tile <= 64, "grouped_gram: tile=", tile, " must be 0 (dense) or at most 64");
+  if (tile) check_tile(tile);
+  TORCH_CHECK(arena.device().is_cpu() && D_in.device().is_cpu(), "grouped_gram: CPU tensors only");
   TORCH_CHECK(arena.dim() == 1 && arena.is_contiguous(), "arena must be a contiguous 1-D buffer");
   const bool bf16 = arena.scalar_type() == at::kBFloat16;
   TORCH_CHECK(arena.scalar_type() == at::kFloat || arena.scalar_type() == at::kDouble || bf16,
               "arena must be float32, float64 or bfloat16, got ", arena.scalar_type());
-  TORCH_CHECK(classes.size() % 6 == 0, "classes must hold 6 numbers per class");
-  const CpuKernels& kern = cpu_kernels();
+  TORCH_CHECK(classes.size() % CLASS_FIELDS == 0, "classes must hold ", CLASS_FIELDS, " numbers per class");
   // products run in fp64 for fp64 factors, else fp32 (bf16 factors are a storage format)
   const at::Tensor D = D_in.to(bf16 ? at::kFloat : arena.scalar_type()).contiguous();
+  int64_t g_size = 0;
+  for (int64_t c = 0; c < (int64_t)classes.size() / CLASS_FIELDS; ++c) {
+    const GramClass k = GramClass::at(classes, c);
+    const int64_t factor = tile ? num_tiles(k.n, tile) * (num_tiles(k.n, tile) + 1) / 2 * tile * tile : k.n * k.n;
+    TORCH_CHECK(k.d_off + k.m * k.R * k.n <= D.numel(), "D is too short for class ", c);
+    TORCH_CHECK(k.s_off + k.m * factor <= arena.numel(), "arena is too short for class ", c, " (n=", k.n,
+                ", tile=", tile, ")");
+    g_size = std::max(g_size, k.g_off + k.m * k.R * k.R);
+  }
+  if (tile == 0) return dense_gram(D, arena, classes, g_size);
+  const CpuKernels& kern = cpu_kernels();
   const int64_t T = tile;
   struct Task { int64_t cls, bundle, I0, I1, part, parts; };
   std::vector<Task> tasks;
@@ -79,28 +110,24 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
   // the partials of bundles split over several tasks live in ``scratch`` and are summed afterwards
   // in chunk order.
   std::vector<int64_t> part_off{0}, cost;          // cost: multiply-adds, tiles read x rows of D
-  int64_t g_size = 0;
-  for (size_t c = 0; c < classes.size(); c += 6) {
-    const int64_t n = classes[c], R = classes[c + 1], m = classes[c + 2];
-    const int64_t nt = num_tiles(n, T);
-    TORCH_CHECK(classes[c + 3] + m * R * n <= D.numel(), "D is too short for class ", c / 6);
-    TORCH_CHECK(classes[c + 4] + m * nt * (nt + 1) / 2 * T * T <= arena.numel(),
-                "arena is too short for class ", c / 6, " (packed n=", n, ", tile=", T, ")");
-    g_size = std::max(g_size, classes[c + 5] + m * R * R);
-    const auto bounds = chunk_bounds(nt, num_chunks(n, R, m, nt));
+  for (int64_t c = 0; c < (int64_t)classes.size() / CLASS_FIELDS; ++c) {
+    const GramClass k = GramClass::at(classes, c);
+    const int64_t nt = num_tiles(k.n, T);
+    const auto bounds = chunk_bounds(nt, num_chunks(k.n, k.R, k.m, nt));
     const int64_t parts = (int64_t)bounds.size() - 1;
-    for (int64_t b = 0; b < m; ++b)
-      for (int64_t k = 0; k < parts; ++k) {
-        tasks.push_back({(int64_t)c, b, bounds[k], bounds[k + 1], k, parts});
-        cost.push_back((row_start(bounds[k + 1], nt) - row_start(bounds[k], nt)) * R);
-        part_off.push_back(part_off.back() + (parts > 1 ? R * lead(nt * T) : 0));
+    for (int64_t b = 0; b < k.m; ++b)
+      for (int64_t p = 0; p < parts; ++p) {
+        tasks.push_back({c, b, bounds[p], bounds[p + 1], p, parts});
+        cost.push_back((row_start(bounds[p + 1], nt) - row_start(bounds[p], nt)) * k.R);
+        part_off.push_back(part_off.back() + (parts > 1 ? k.R * lead(nt * T) : 0));
       }
   }
   const std::vector<int64_t> order = costliest_first(cost);
-  at::Tensor Q = at::empty({D.numel()}, D.options());
-  at::Tensor G = at::empty({g_size}, D.options());
+  // zeros: entries no class covers (gaps a hand-made table may leave, empty classes) read as 0
+  at::Tensor Q = at::zeros({D.numel()}, D.options());
+  at::Tensor G = at::zeros({g_size}, D.options());
   at::Tensor scratch = at::zeros({part_off.back()}, D.options());
-  AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "packed_gram", [&] {
+  AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "grouped_gram", [&] {
     const scalar_t* d = D.data_ptr<scalar_t>();
     scalar_t* part = scratch.data_ptr<scalar_t>();
     scalar_t* q = Q.data_ptr<scalar_t>();
@@ -114,9 +141,9 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
     run_dynamic<Scratch>(order, [&](int64_t t, Scratch& scratch) {
       auto& [local, dpad] = scratch;
       const Task& task = tasks[t];
-      const int64_t c = task.cls, n = classes[c], R = classes[c + 1], nt = num_tiles(n, T);
-      const int64_t ld = lead(nt * T);
-      const scalar_t* db = d + classes[c + 3] + task.bundle * R * n;
+      const GramClass k = GramClass::at(classes, task.cls);
+      const int64_t nt = num_tiles(k.n, T), ld = lead(nt * T), R = k.R, n = k.n;
+      const scalar_t* db = d + k.d_off + task.bundle * R * n;
       dpad.resize(R * ld);                          // the bundle's D, rows padded to ld with zeros
       for (int64_t r = 0; r < R; ++r) {
         std::copy_n(db + r * n, n, dpad.data() + r * ld);
@@ -127,11 +154,11 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
         local.assign(R * ld, scalar_t(0));
         U = local.data();
       }
-      gram_task(kern, arena, classes[c + 4] + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt, T, ld,
+      gram_task(kern, arena, k.s_off + task.bundle * nt * (nt + 1) / 2 * T * T, dpad.data(), R, nt, T, ld,
                 task.I0, task.I1, U);
       if (task.parts > 1) return;
-      crop(U, R, n, ld, q + classes[c + 3] + task.bundle * R * n, false);
-      gram_dots(kern, R, n, U, ld, dpad.data(), ld, g + classes[c + 5] + task.bundle * R * R);  // G = Q D^T
+      crop(U, R, n, ld, q + k.d_off + task.bundle * R * n, false);
+      gram_dots(kern, R, n, U, ld, dpad.data(), ld, g + k.g_off + task.bundle * R * R);  // G = Q D^T
     });
     // bundles split over several tasks: Q = sum over chunks of U, in chunk order, cropped to n
     std::vector<int64_t> first;
@@ -140,70 +167,16 @@ std::tuple<at::Tensor, at::Tensor> packed_gram(const at::Tensor& D_in, const at:
     at::parallel_for(0, (int64_t)first.size(), 1, [&](int64_t bb, int64_t be) {
       for (int64_t f = bb; f < be; ++f) {
         const Task& task = tasks[first[f]];
-        const int64_t c = task.cls, n = classes[c], R = classes[c + 1], ld = lead(num_tiles(n, T) * T);
-        scalar_t* dst = q + classes[c + 3] + task.bundle * R * n;
-        for (int64_t k = 0; k < task.parts; ++k) crop(part + part_off[first[f] + k], R, n, ld, dst, k > 0);
-        gram_dots(kern, R, n, dst, n, d + classes[c + 3] + task.bundle * R * n, n,
-                  g + classes[c + 5] + task.bundle * R * R);
+        const GramClass k = GramClass::at(classes, task.cls);
+        const int64_t ld = lead(num_tiles(k.n, T) * T);
+        scalar_t* dst = q + k.d_off + task.bundle * k.R * k.n;
+        for (int64_t p = 0; p < task.parts; ++p) crop(part + part_off[first[f] + p], k.R, k.n, ld, dst, p > 0);
+        gram_dots(kern, k.R, k.n, dst, k.n, d + k.d_off + task.bundle * k.R * k.n, k.n,
+                  g + k.g_off + task.bundle * k.R * k.R);
       }
     });
   });
   return {G, Q};
 }
-
-// The penalty epilogue behind the grouped product: v = 1/2 <C, G>, W = dv/dG = C / 2,
-// dD_k = (W_k + W_k^T) Q_k. C (laid out like G) holds the kfac/tri weights. The sum runs in a
-// fixed order, in double.
-std::tuple<at::Tensor, at::Tensor> packed_gram_quad(const at::Tensor& D, const at::Tensor& arena,
-                                                    at::IntArrayRef classes, int64_t tile, const at::Tensor& C_in,
-                                                    bool grad) {
-  auto [G, Q] = packed_gram(D, arena, classes, tile);
-  const int64_t g = G.numel();
-  TORCH_CHECK(C_in.numel() == g, "C has ", C_in.numel(), " numbers; it must hold ", g, " (one per entry of G)");
-  const at::Tensor C = C_in.to(G.scalar_type()).contiguous();
-  at::Tensor value = at::empty({}, G.options());
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "packed_gram_quad", [&] {
-    const scalar_t* gp = G.data_ptr<scalar_t>();
-    const scalar_t* c = C.data_ptr<scalar_t>();
-    double v = 0;
-    for (int64_t j = 0; j < g; ++j) v += double(c[j]) * gp[j];
-    value.fill_(0.5 * v);
-  });
-  if (!grad) return {value, at::empty({0}, G.options())};
-  const CpuKernels& kern = cpu_kernels();
-  at::Tensor dD = at::empty_like(Q);                   // zeroed by its tasks, in parallel
-  at::Tensor Wsym = at::empty_like(G);                 // W_k + W_k^T = (C_k + C_k^T) / 2 per bundle
-  for (size_t c = 0; c < classes.size(); c += 6) {
-    const int64_t R = classes[c + 1], m = classes[c + 2];
-    const at::Tensor Cc = C.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
-    at::Tensor out = Wsym.narrow(0, classes[c + 5], m * R * R).view({m, R, R});
-    at::add_out(out, Cc, Cc.transpose(1, 2)).mul_(0.5);
-  }
-  constexpr int64_t COLS = 512;                         // tasks of (bundle, 512 columns)
-  std::vector<std::array<int64_t, 3>> work;             // (class offset, bundle, first column)
-  std::vector<int64_t> cost;                            // multiply-adds: R x R times R x cols
-  for (size_t c = 0; c < classes.size(); c += 6)
-    for (int64_t b = 0; b < classes[c + 2]; ++b)
-      for (int64_t j = 0; j < classes[c]; j += COLS) {
-        work.push_back({(int64_t)c, b, j});
-        cost.push_back(classes[c + 1] * classes[c + 1] * std::min(COLS, classes[c] - j));
-      }
-  const std::vector<int64_t> order = costliest_first(cost);
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "packed_gram_quad_grad", [&] {
-    const scalar_t* w = Wsym.data_ptr<scalar_t>();
-    const scalar_t* q = Q.data_ptr<scalar_t>();
-    scalar_t* out = dD.data_ptr<scalar_t>();
-    run_dynamic(order, [&](int64_t i) {
-      const int64_t c = work[i][0], b = work[i][1], j = work[i][2];
-      const int64_t n = classes[c], R = classes[c + 1], cols = std::min(COLS, n - j);
-      const int64_t off = classes[c + 3] + b * R * n + j;
-      for (int64_t r = 0; r < R; ++r) std::fill_n(out + off + r * n, cols, scalar_t(0));
-      gemm(kern, R, cols, R, w + classes[c + 5] + b * R * R, R, q + off, n, out + off, n);
-    });
-  });
-  return {value, dD};
-}
-
-std::string cpu_capability() { return cpu_kernels().name; }
 
 }  // namespace lalora

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lalora_kernels import LaLoRARegularizer, estimate_curvature
-from lalora_kernels.demo_tasks import accuracy, lm_loss, pretrained_base, task_batches
-from lalora_kernels.tiny import add_lora
+from lalora_kernels.apps.demo_tasks import accuracy, lm_loss, pretrained_base, task_batches
+from lalora_kernels.apps.tiny import add_lora
 
 
 def main():
@@ -56,7 +56,7 @@ def main():
                 print(f"step {step:3d}  task {float(task.detach()):.4f}  penalty {full:.4f}", flush=True)
         model.eval()
         src, tgt = accuracy(model, task_batches("source", 2, seed=13)), accuracy(model, task_batches("target", 2, seed=14))
-        factors = sum(b.numel() * b.element_size() for b in reg.buffers())
+        factors = reg.penalty.memory_bytes() if reg.penalty is not None else 0
         print(f"rank {rank}: factor bytes held {factors}, source acc {src:.3f}, target acc {tgt:.3f}", flush=True)
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Loads ``lalora_kernels._C``, the C++ CPU kernels of ``csrc/`` (ops ``torch.ops.lalora_cpp.*``).
+"""Loads ``lalora_kernels._C``, the C++ CPU kernels of ``csrc/`` (plain functions that the ``lalora::``
+ops call on the CPU; see ``ops``).
 
 The extension is built by ``setup.py`` when torch is importable at build time
 (``pip install --no-build-isolation``; ``LALORA_BUILD_CPP=0`` skips it). When it is missing or fails
@@ -17,44 +18,27 @@ def load() -> Optional[str]:
     """Import ``_C`` once; returns None on success, else why it is unavailable."""
     if "error" not in _state:
         try:
-            from . import _C  # noqa: F401  (registers torch.ops.lalora_cpp)
-            _register_fakes()
-            _state["error"] = None
+            from . import _C
+            _state["module"], _state["error"] = _C, None
         except Exception as exc:                       # missing, or built against another torch
             _state["error"] = f"{type(exc).__name__}: {exc}"
     return _state["error"]
-
-
-def _register_fakes() -> None:
-    """Shapes of the C++ ops' outputs, so that torch.compile can trace through them."""
-    import torch
-
-    from .reference.gram import gram_outputs_like
-
-    @torch.library.register_fake("lalora_cpp::packed_cov_update_")
-    def _(P, X, mask, weight, tile):
-        return None
-
-    @torch.library.register_fake("lalora_cpp::packed_gram")
-    def _(D, arena, classes, tile):
-        return gram_outputs_like(D, arena, classes)
-
-    @torch.library.register_fake("lalora_cpp::packed_gram_quad")
-    def _(D, arena, classes, tile, C, grad):
-        return gram_outputs_like(D, arena, classes, grad)
 
 
 def available() -> bool:
     return load() is None
 
 
+def module():
+    """The loaded ``_C`` (call only when ``available()``)."""
+    load()
+    return _state["module"]
+
+
 def capability() -> Optional[str]:
     """The instruction set the C++ kernels run on ('avx512', 'avx2' or 'default'; capped by
     LALORA_CPU_CAPABILITY or ATEN_CPU_CAPABILITY), or None without ``_C``."""
-    if not available():
-        return None
-    import torch
-    return torch.ops.lalora_cpp.cpu_capability()
+    return module().cpu_capability() if available() else None
 
 
 class CppFallbackWarning(UserWarning):
@@ -69,4 +53,4 @@ def warn_fallback() -> None:
         "lalora_kernels._C (the C++ CPU kernels) is not available, so CPU work runs on the slower "
         f"pure-PyTorch reference backend ({load()}). Build it with torch installed: `pip install "
         "--no-build-isolation -e .` (or `make setup`); set LALORA_BACKEND=torch to choose the "
-        "reference deliberately and silence this warning.", CppFallbackWarning, stacklevel=3)
+        "reference deliberately and silence this warning.", CppFallbackWarning, stacklevel=4)

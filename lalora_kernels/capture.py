@@ -24,7 +24,8 @@ from . import ops as lalora_ops
 from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_layout, check_variant
 from .distributed import all_reduce_sums, rank_generator
 from .lora_layers import LoRALayerRef, find_lora_layers
-from .reference.packed import TILE, check_tile, packed_numel
+from .gram_meta import GramMeta
+from .reference.packed_format import TILE, check_tile, packed_numel
 
 ops = torch.ops.lalora
 
@@ -243,13 +244,20 @@ class _Capture:
             if self.variant == "tri" and plan.need_sx[n] and plan.need_sg[n]:
                 # Ka = A* Sx, Kb = Sg B* (SPEC section 3), read straight from the stored layout
                 Sx, Sg = tensors[f"Sx/{plan.groups[n]}"], tensors[f"Sg/{n}"]
-                tensors[f"Ka/{n}"] = lalora_ops.sym_product(plan.A0[n].to(self.dtype), Sx, i, self.tile)[1]
-                tensors[f"Kb/{n}"] = lalora_ops.sym_product(plan.B0[n].to(self.dtype).T, Sg, o, self.tile)[1].T
+                tensors[f"Ka/{n}"] = _sym_product(plan.A0[n].to(self.dtype), Sx, i, self.tile)
+                tensors[f"Kb/{n}"] = _sym_product(plan.B0[n].to(self.dtype).T, Sg, o, self.tile).T
         model_type = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
         return LoRACurvature(variant=self.variant, fisher=fisher, mc_samples=mc_samples,
                              num_tokens=num_tokens, adapter_name=self.refs[0].adapter,
                              model_type=str(model_type), adapters=adapters, tensors=tensors,
                              layout="packed" if self.tile else "dense", tile=self.tile or TILE)
+
+
+def _sym_product(D: torch.Tensor, S: torch.Tensor, n: int, tile: int) -> torch.Tensor:
+    """``D S`` for one symmetric factor S, dense (n, n) or tile-packed (tile > 0), through
+    ``lalora::grouped_gram`` (so on the active backend). D: (R, n)."""
+    meta = GramMeta.build([(n, D.shape[0], 1)], tile)
+    return ops.grouped_gram(D.reshape(-1), S.reshape(-1), meta.classes, tile)[1].view(D.shape[0], n)
 
 
 def _warn_degenerate(variant: str, names: list[str], total: int) -> None:

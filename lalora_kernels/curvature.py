@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .reference import finalize
-from .reference.packed import TILE, check_tile, pack, packed_numel, packed_trace, unpack
+from .reference.closed_form import finalize
+from .reference.packed_format import TILE, check_tile, pack, packed_numel, packed_trace, unpack
 from .version import __version__
 
 VARIANTS = ("diag", "kfac", "tri", "wkfac")

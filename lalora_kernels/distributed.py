@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .reference.packed import mirror_diagonal_tiles_
+from .reference.packed_format import mirror_diagonal_tiles_
 
 BUCKET_BYTES = 64 << 20
 SYMMETRIC = ("Sx/", "Sg/", "Caa/", "Cbb/")

@@ -1,36 +1,50 @@
-"""The ``lalora::`` operators: schemas, backend dispatch and autograd, in one list.
+"""The ``lalora::`` operators, in one list: each op's schema, input check, fake, autograd and kernels.
 
-| op | semantics | shapes / dtypes |
+| op | semantics | arguments |
 |---|---|---|
 | ``cov_update_`` | ``S += weight * X^T diag(mask) X`` (in place) | S (n, n) fp32/fp64; X (..., n) any float; mask (...) bool/0-1 or None |
 | ``sqcov_update_`` | ``F += weight * (G*G)^T diag(mask) (X*X)`` (in place) | F (p, q) fp32/fp64; G (..., p); X (..., q) |
+| ``packed_cov_update_`` | ``cov_update_`` on a tile-packed S (``reference.packed_format``), n = X.shape[-1] | P (packed_numel(n, tile),) fp32/fp64 |
+| ``grouped_gram`` | per bundle k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum m R n,) any float; arena flat fp32/fp64/bf16 (bf16: products and outputs in fp32); classes: the class table (``gram_meta``); tile: 0 dense, else the packed layout's T |
+| ``grouped_gram_quad`` | ``v = 1/2 <C, G>`` on ``grouped_gram``'s G and ``dD = dv/dD`` (returned, and used by the backward) | as ``grouped_gram``; C like G; grad: bool (False: dD empty) |
 | ``diag_quad`` | ``v = 1/2 sum F * D^2`` and ``FD = F * D`` (differentiable in D: ``dD = dv FD``) | F, D same shape; F fp32/fp64; D any float |
-| ``packed_cov_update_`` | ``cov_update_`` on a tile-packed S (``reference.packed``), n = X.shape[-1] | P (packed_numel(n, tile),) fp32/fp64 |
-| ``grouped_gram`` | per item k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum R_k n_k,) any float; arena flat fp32/fp64/bf16 (bf16: products and outputs in fp32), factors dense (tile = 0) or tile-packed; tables from ``grouping.GramLayout`` |
-| ``grouped_gram_quad`` | ``v = 1/2 <C, G>`` on ``grouped_gram``'s G, and ``dD = dv/dD`` (returned, and used by the backward) | as ``grouped_gram``; C like G; grad: bool (False: dD empty) |
 
-Backends: the pure-PyTorch reference (any device, the oracle), the C++ CPU kernels of ``csrc/``
-(``_C``: the packed ops) and Triton (``lalora_kernels.triton``). With ``LALORA_BACKEND`` unset
-(``auto``) CUDA tensors use Triton, CPU tensors use C++ for the packed ops and the reference for
-the rest (dense factors are one MKL GEMM there already). ``LALORA_BACKEND=torch``, ``=cpp`` or
-``=triton`` forces one (``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``). float64 never runs
-on Triton. When Triton is importable the ops are ``torch.library.triton_op``s, so ``torch.compile``
-traces through them into the kernels. ``backends()`` reports what is active.
-``grouped_gram``'s backward is ``dD = (dG + dG^T) Q`` per item: it reuses the Q of the forward and never reads
-S again, so one penalty step reads every factor exactly once.
-``grouped_gram_quad`` is the kfac/tri penalty in one op: the same products with the epilogue (value
-and the gradient ``dD = (W + W^T) Q``, ``W = dv/dG``) fused behind them: in C++ for packed factors
-on the CPU, in the Triton product kernels (``triton.quad``) for items of at most 64 rows.
+Kernels, one file per op named after it:
+
+| op | torch: any device (``reference/``) | cpp: CPU (``csrc/``) | triton: CUDA (``triton/``) |
+|---|---|---|---|
+| ``cov_update_`` | ``cov_update.py`` | - (the reference is one MKL GEMM) | ``cov_update.py`` |
+| ``sqcov_update_`` | ``sqcov_update.py`` | - | ``sqcov_update.py`` |
+| ``packed_cov_update_`` | ``packed_cov_update.py`` | ``packed_cov_update.cpp`` | ``packed_cov_update.py`` |
+| ``grouped_gram`` | ``grouped_gram.py`` | ``grouped_gram.cpp`` | ``grouped_gram.py`` |
+| ``grouped_gram_quad`` | ``grouped_gram_quad.py`` | ``grouped_gram_quad.cpp`` | ``grouped_gram_quad.py`` |
+| ``diag_quad`` | ``diag_quad.py`` | - | - (elementwise) |
+
+Which kernel runs is decided at every call from the tensors' device and ``LALORA_BACKEND``:
+``auto`` (default) takes Triton on CUDA and C++ on the CPU where the op has them, else the
+reference; ``torch``, ``cpp`` or ``triton`` ask for one (an op without that kernel runs the
+reference; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``, which is how CI tests every
+Triton kernel). float64 never runs on Triton. ``backends()`` reports what is active. Every call
+first runs the op's input check (``checks``), whatever kernel follows.
+
+The ops are ``torch.library.custom_op``s: ``torch.compile`` keeps each as one node, traced through
+its fake, and calls its kernel at run time. The backward of ``grouped_gram`` is ``dD = (dG + dG^T) Q``
+per bundle: it reuses the forward's Q and never reads S again, so a penalty step reads every factor
+once. The backwards treat saved products as constants, so double backward is refused.
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from . import _cpp, reference
+from . import _cpp, checks
+from .reference import cov_update, diag_quad as ref_diag_quad, grouped_gram as ref_gram, grouped_gram_quad as ref_quad
+from .reference import packed_cov_update, sqcov_update
 
 try:
     import triton  # noqa: F401
@@ -39,6 +53,27 @@ except ImportError:      # CPU-only installs: the reference backend serves every
     HAS_TRITON = False
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
+PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}     # what ``auto`` tries, in order
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """An op's implementations: the reference (a function), the name of its C++ kernel in ``_C``,
+    and ``module:function`` of its Triton launcher under ``lalora_kernels.triton``."""
+    torch: Callable
+    cpp: Optional[str] = None
+    triton: Optional[str] = None
+
+
+KERNELS = {
+    "cov_update_": Kernels(cov_update.cov_update_, None, "cov_update:cov_update_"),
+    "sqcov_update_": Kernels(sqcov_update.sqcov_update_, None, "sqcov_update:sqcov_update_"),
+    "packed_cov_update_": Kernels(packed_cov_update.packed_cov_update_, "packed_cov_update_",
+                                  "packed_cov_update:packed_cov_update_"),
+    "grouped_gram": Kernels(ref_gram.grouped_gram, "grouped_gram", "grouped_gram:grouped_gram"),
+    "grouped_gram_quad": Kernels(ref_quad.grouped_gram_quad, "grouped_gram_quad", "grouped_gram_quad:grouped_gram_quad"),
+    "diag_quad": Kernels(ref_diag_quad.diag_quad),
+}
 
 
 def backend() -> str:
@@ -54,44 +89,59 @@ def backend() -> str:
     return choice
 
 
-def _kernel_for(*ts: Tensor, cpp: bool = False, warn: bool = True) -> str:
-    """Which implementation runs an op on these tensors: 'triton', 'cpp' or 'torch'.
-    ``cpp``: the op has a C++ CPU kernel; ``warn``: say (once) when it is unavailable."""
-    choice = backend()
-    if choice == "torch":
-        return "torch"
-    f64 = any(t.dtype == torch.float64 for t in ts)
-    if choice == "triton":
-        return "torch" if f64 else "triton"
-    if all(t.is_cuda for t in ts):
-        return "triton" if HAS_TRITON and not f64 and choice == "auto" else "torch"
-    if cpp and all(t.device.type == "cpu" for t in ts):
-        if choice == "cpp" or _cpp.available():
-            return "cpp"
-        if warn:
+def implementation(op: str, *ts: Tensor, warn: bool = True) -> str:
+    """Which implementation of ``op`` runs on these tensors: 'triton', 'cpp' or 'torch'."""
+    kernels, choice = KERNELS[op], backend()
+    device = ts[0].device.type
+    if choice == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("LALORA_BACKEND=triton runs CPU tensors only in the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 before importing triton, or move the tensors to CUDA")
+    usable = {"torch": True,
+              "cpp": kernels.cpp is not None and device == "cpu" and _cpp.available(),
+              "triton": kernels.triton is not None and HAS_TRITON and all(t.dtype != torch.float64 for t in ts)}
+    if choice == "auto":
+        if warn and device == "cpu" and kernels.cpp is not None and not usable["cpp"]:
             _cpp.warn_fallback()
-    return "torch"
+        order = PREFERENCE.get(device, ("torch",))
+    else:
+        order = (choice, "torch")
+    return next(name for name in order if usable[name])
 
 
-def _triton_for(*ts: Tensor) -> bool:
-    return _kernel_for(*ts) == "triton"
+def _kernel(op: str, name: str) -> Callable:
+    kernels = KERNELS[op]
+    if name == "cpp":
+        return getattr(_cpp.module(), kernels.cpp)
+    if name == "triton":
+        module, fn = kernels.triton.split(":")
+        return getattr(importlib.import_module(f"lalora_kernels.triton.{module}"), fn)
+    return kernels.torch
+
+
+def run(op: str, *args):
+    """Check ``op``'s inputs, then call the implementation chosen for them."""
+    getattr(checks, op)(*args)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    return _kernel(op, implementation(op, *tensors))(*args)
 
 
 def default_storage(device, warn: bool = True) -> str:
     """'packed' where packed kernels run natively (Triton on CUDA, C++ on CPU), else 'dense'."""
     probe = torch.empty(0, device=device)
-    return "packed" if _kernel_for(probe, cpp=True, warn=warn) in ("triton", "cpp") else "dense"
+    return "packed" if implementation("grouped_gram", probe, warn=warn) in ("triton", "cpp") else "dense"
 
 
 def backends() -> dict:
     """What is active: the requested backend, the implementation of the packed ops per device
-    kind, and the availability of C++ (``_C``) and Triton."""
+    kind, and the availability of C++ (``_C``, with the instruction set its kernels run on) and
+    Triton."""
     choice = backend()
     cuda = torch.cuda.is_available()
+    cpu = implementation("grouped_gram", torch.empty(0), warn=False) if choice != "triton" else "triton (interpreter)"
     return {
         "requested": choice,
-        "cpu": _kernel_for(torch.empty(0), cpp=True, warn=False) if choice != "triton" else "triton (interpreter)",
-        "cuda": _kernel_for(torch.empty(0, device="cuda"), cpp=True, warn=False) if cuda else None,
+        "cpu": cpu,
+        "cuda": implementation("grouped_gram", torch.empty(0, device="cuda"), warn=False) if cuda else None,
         "cpp": {"available": _cpp.available(), "error": _cpp.load(), "threads": torch.get_num_threads(),
                 "capability": _cpp.capability()},
         "triton": {"available": HAS_TRITON, "interpret": os.environ.get("TRITON_INTERPRET") == "1"},
@@ -100,119 +150,70 @@ def backends() -> dict:
     }
 
 
-def _define(name: str, mutates_args):
-    if HAS_TRITON:
-        return torch.library.triton_op(name, mutates_args=mutates_args)
-    return torch.library.custom_op(name, mutates_args=mutates_args)
-
-
-@_define("lalora::cov_update_", mutates_args={"S"})
+# ---- the ops ------------------------------------------------------------------------------------
+@torch.library.custom_op("lalora::cov_update_", mutates_args={"S"})
 def cov_update_(S: Tensor, X: Tensor, mask: Optional[Tensor], weight: float) -> None:
-    if _triton_for(S, X):
-        from .triton.accumulate import cov_update_ as kernel
-        kernel(S, X, mask, weight)
-    else:
-        reference.cov_update_(S, X, mask, weight)
+    run("cov_update_", S, X, mask, weight)
 
 
-@_define("lalora::sqcov_update_", mutates_args={"F"})
+@torch.library.custom_op("lalora::sqcov_update_", mutates_args={"F"})
 def sqcov_update_(F: Tensor, G: Tensor, X: Tensor, mask: Optional[Tensor], weight: float) -> None:
-    if _triton_for(F, G, X):
-        from .triton.diag import sqcov_update_ as kernel
-        kernel(F, G, X, mask, weight)
-    else:
-        reference.sqcov_update_(F, G, X, mask, weight)
+    run("sqcov_update_", F, G, X, mask, weight)
 
 
-@_define("lalora::packed_cov_update_", mutates_args={"P"})
+@torch.library.custom_op("lalora::packed_cov_update_", mutates_args={"P"})
 def packed_cov_update_(P: Tensor, X: Tensor, mask: Optional[Tensor], weight: float, tile: int) -> None:
-    kernel = _kernel_for(P, X, cpp=True)
-    if kernel == "triton":
-        from .triton.packed import packed_cov_update_ as triton_kernel
-        triton_kernel(P, X, mask, weight, tile)
-    elif kernel == "cpp":
-        torch.ops.lalora_cpp.packed_cov_update_(P, X, mask, weight, tile)
-    else:
-        reference.packed_cov_update_(P, X, mask, weight, tile)
+    run("packed_cov_update_", P, X, mask, weight, tile)
 
 
-@_define("lalora::grouped_gram", mutates_args=())
-def grouped_gram(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
-                 classes: list[int], tile: int) -> tuple[Tensor, Tensor]:
-    return _gram(_kernel_for(D, arena, cpp=tile > 0), D, arena, items, work, pairs, plan, classes, tile)
+@torch.library.custom_op("lalora::grouped_gram", mutates_args=())
+def grouped_gram(D: Tensor, arena: Tensor, classes: list[int], tile: int) -> tuple[Tensor, Tensor]:
+    return run("grouped_gram", D, arena, classes, tile)
 
 
-@_define("lalora::grouped_gram_quad", mutates_args=())
-def grouped_gram_quad(D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
-                      classes: list[int], tile: int, C: Tensor, grad: bool) -> tuple[Tensor, Tensor]:
-    kernel = _kernel_for(D, arena, cpp=tile > 0)
-    if kernel == "cpp":
-        return torch.ops.lalora_cpp.packed_gram_quad(D, arena, classes, tile, C, grad)
-    if kernel == "triton":
-        from .triton.quad import grouped_gram_quad as triton_kernel
-        return triton_kernel(D.float(), arena, items, work, pairs, plan, classes, tile, C, grad)
-    G, Q = _gram(kernel, D, arena, items, work, pairs, plan, classes, tile)
-    return reference.gram_quad(G, Q, classes, C, grad)
+@torch.library.custom_op("lalora::grouped_gram_quad", mutates_args=())
+def grouped_gram_quad(D: Tensor, arena: Tensor, classes: list[int], tile: int, C: Tensor,
+                      grad: bool) -> tuple[Tensor, Tensor]:
+    return run("grouped_gram_quad", D, arena, classes, tile, C, grad)
 
 
-def _gram(kernel: str, D: Tensor, arena: Tensor, items: Tensor, work: Tensor, pairs: Tensor, plan: list[int],
-          classes: list[int], tile: int) -> tuple[Tensor, Tensor]:
-    if kernel == "triton":
-        if tile:
-            from .triton.packed import packed_gram
-            return packed_gram(D.float(), arena, items, work, pairs, plan, reference.gram_numel(classes), tile)
-        from .triton.gram import grouped_gram as triton_kernel
-        return triton_kernel(D.float(), arena, items, work, pairs, plan, reference.gram_numel(classes))
-    if kernel == "cpp":
-        return torch.ops.lalora_cpp.packed_gram(D, arena, classes, tile)
-    return reference.grouped_gram(D, arena, classes, tile)
-
-
-def sym_product(D: Tensor, S: Tensor, n: int, tile: int = 0) -> tuple[Tensor, Tensor]:
-    """``G = D S D^T`` and ``Q = D S`` for one symmetric factor S, dense (n, n) or tile-packed
-    (tile > 0), through ``grouped_gram`` (so on the active backend). D: (R, n)."""
-    from .grouping import GramLayout
-    R = D.shape[0]
-    layout = GramLayout([(n, R, 1)], tile=tile)
-    items, work, pairs, plan = (torch.tensor(t, dtype=torch.int64, device=S.device).reshape(-1, len(t[0]))
-                                if i < 3 else t for i, t in enumerate(layout.tables()))
-    G, Q = torch.ops.lalora.grouped_gram(D.reshape(-1), S.reshape(-1), items, work, pairs, plan,
-                                         layout.flat_classes(), tile)
-    return G.view(R, R), Q.view(R, n)
-
-
-@_define("lalora::diag_quad", mutates_args=())
+@torch.library.custom_op("lalora::diag_quad", mutates_args=())
 def diag_quad(F: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
-    FD = F * D.to(F.dtype)
-    return 0.5 * torch.dot(FD.reshape(-1), D.to(F.dtype).reshape(-1)), FD
+    return run("diag_quad", F, D)
 
 
-if not HAS_TRITON:
-    @cov_update_.register_fake
-    def _(S, X, mask, weight):
-        return None
-
-    @sqcov_update_.register_fake
-    def _(F, G, X, mask, weight):
-        return None
-
-    @diag_quad.register_fake
-    def _(F, D):
-        return F.new_empty(()), torch.empty_like(F)
-
-    @packed_cov_update_.register_fake
-    def _(P, X, mask, weight, tile):
-        return None
-
-    @grouped_gram.register_fake
-    def _(D, arena, items, work, pairs, plan, classes, tile):
-        return reference.gram_outputs_like(D, arena, classes)
-
-    @grouped_gram_quad.register_fake
-    def _(D, arena, items, work, pairs, plan, classes, tile, C, grad):
-        return reference.gram_outputs_like(D, arena, classes, grad)
+# ---- fakes: output shapes for torch.compile and the meta device ----------------------------------
+@cov_update_.register_fake
+def _(S, X, mask, weight):
+    return None
 
 
+@sqcov_update_.register_fake
+def _(F, G, X, mask, weight):
+    return None
+
+
+@packed_cov_update_.register_fake
+def _(P, X, mask, weight, tile):
+    return None
+
+
+@grouped_gram.register_fake
+def _(D, arena, classes, tile):
+    return ref_gram.gram_outputs_like(D, arena, classes)
+
+
+@grouped_gram_quad.register_fake
+def _(D, arena, classes, tile, C, grad):
+    return ref_gram.gram_outputs_like(D, arena, classes, grad)
+
+
+@diag_quad.register_fake
+def _(F, D):
+    return F.new_empty(()), torch.empty_like(F)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
 def _first_order_only(op: str) -> None:
     """The backwards below use saved products as constants, so their own derivative would be wrong:
     refuse double backward (``create_graph=True``) instead of returning wrong second derivatives."""
@@ -223,28 +224,27 @@ def _first_order_only(op: str) -> None:
 
 
 def _grouped_gram_setup(ctx, inputs, output):
-    D, classes = inputs[0], inputs[6]
-    _, Q = output
-    ctx.save_for_backward(Q)
+    D, classes = inputs[0], inputs[2]
+    ctx.save_for_backward(output[1])
     ctx.d_dtype, ctx.classes = D.dtype, classes
-    ctx.mark_non_differentiable(Q)
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _grouped_gram_backward(ctx, dG, dQ):
     (Q,) = ctx.saved_tensors
     if dG is None:
-        return (None,) * 8
+        return (None,) * 4
     _first_order_only("grouped_gram")
-    dD = reference.sym_grad(dG.to(Q.dtype), Q, ctx.classes)
-    return (dD.to(ctx.d_dtype),) + (None,) * 7
+    dD = ref_gram.sym_grad(dG.to(Q.dtype), Q, ctx.classes)
+    return (dD.to(ctx.d_dtype),) + (None,) * 3
 
 
 grouped_gram.register_autograd(_grouped_gram_backward, setup_context=_grouped_gram_setup)
 
 
 def _gram_quad_setup(ctx, inputs, output):
-    ctx.d_dtype, ctx.grad = inputs[0].dtype, inputs[9]
+    ctx.d_dtype, ctx.grad = inputs[0].dtype, inputs[5]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -252,12 +252,12 @@ def _gram_quad_setup(ctx, inputs, output):
 
 def _gram_quad_backward(ctx, dv, ddD):
     if dv is None:
-        return (None,) * 10
+        return (None,) * 6
     if not ctx.grad:
         raise RuntimeError("grouped_gram_quad was called with grad=False; pass grad=True to differentiate it")
     _first_order_only("grouped_gram_quad")
     (dD,) = ctx.saved_tensors
-    return ((dv * dD).to(ctx.d_dtype),) + (None,) * 9
+    return ((dv * dD).to(ctx.d_dtype),) + (None,) * 5
 
 
 grouped_gram_quad.register_autograd(_gram_quad_backward, setup_context=_gram_quad_setup)

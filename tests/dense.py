@@ -5,14 +5,6 @@ theta = (vec A, vec B) row-major; nothing here shares code with lalora_kernels.
 import torch
 
 
-def spd(n, dtype=torch.float64, tokens=None):
-    """A random covariance, exactly symmetric by construction (``a + b == b + a`` in floating
-    point), not by trusting the GEMM to sum ``[i, j]`` and ``[j, i]`` in the same order."""
-    X = torch.randn(tokens or 2 * n + 3, n, dtype=dtype)
-    S = X.T @ X / X.shape[0]
-    return 0.5 * (S + S.T)
-
-
 def dense_kfac_blocks(variant, s, A0, B0, Sx, Sg):
     """Curvature over theta for kfac/tri: [[F_AA, F_AB], [F_AB^T, F_BB]] (without lam)."""
     r, i = A0.shape

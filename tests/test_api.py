@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from models import batches, tiny_llama
+from problems import batches, tiny_llama
 
 from lalora_kernels import LaLoRARegularizer, LoRACurvature, estimate_curvature, fused_laplace_penalty
 

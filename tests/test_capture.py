@@ -4,12 +4,12 @@ import warnings
 import pytest
 import torch
 from bruteforce import brute_force_kfac
-from conftest import rel_err
-from models import ALL_PROJ, batches, tiny_llama
+from conftest import DEV, rel_err
+from problems import ALL_PROJ, batches, tiny_llama
 
-from lalora_kernels import DegenerateCurvatureWarning, LaLoRARegularizer, estimate_curvature
+from lalora_kernels import DegenerateCurvatureWarning, LaLoRARegularizer, LoRACurvature, estimate_curvature
 from lalora_kernels.lora_layers import find_lora_layers
-from lalora_kernels.reference import penalty_closed_form
+from lalora_kernels.reference.closed_form import penalty_closed_form
 
 TOL64 = 1e-6
 
@@ -289,3 +289,58 @@ def test_tuple_batches_and_max_batches():
     assert a.num_tokens == b.num_tokens
     for k in a.tensors:
         torch.testing.assert_close(a.tensors[k], b.tensors[k])
+
+
+# ---- storage and backends ------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["kfac", "tri", "wkfac"])
+def test_estimate_packed_equals_dense_and_files_record_layout(backend, variant, tmp_path):
+    if backend == "triton":
+        pytest.skip("float64 models run the reference on the Triton backend; see the next test")
+    model = tiny_llama(dtype=torch.float64)
+    data = batches(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = estimate_curvature(model, data, variant=variant, progress=False, storage="dense")
+        packed = estimate_curvature(model, data, variant=variant, progress=False, storage="packed", tile=16)
+    assert (dense.layout, packed.layout, packed.tile) == ("dense", "packed", 16)
+    assert set(dense.tensors) == set(packed.tensors)
+    for k, t in dense.tensors.items():
+        torch.testing.assert_close(packed.dense(k), t, rtol=1e-10, atol=1e-13)
+    assert packed.norm_constant == pytest.approx(dense.norm_constant, rel=1e-10)
+    # packed file -> packed; dense file -> packed -> dense, exactly
+    packed.save(tmp_path / "p.safetensors")
+    dense.save(tmp_path / "d.safetensors")
+    back = LoRACurvature.load(tmp_path / "p.safetensors")
+    assert (back.layout, back.tile) == ("packed", 16)
+    assert all(torch.equal(back.tensors[k], t) for k, t in packed.tensors.items())
+    conv = LoRACurvature.load(tmp_path / "d.safetensors", layout="packed", tile=8)
+    assert conv.layout == "packed" and conv.memory_bytes() < dense.memory_bytes()
+    again = conv.to_layout("dense")
+    assert all(torch.equal(again.tensors[k], t) for k, t in dense.tensors.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capture_on_every_backend_matches_the_reference(backend, dtype):
+    data = batches()
+    out = {}
+    for name in ("torch", backend):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LALORA_BACKEND", name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[name] = {v: estimate_curvature(tiny_llama(dtype).to(DEV), data, variant=v, progress=False)
+                             for v in ("tri", "diag")}
+    for v, curv in out[backend].items():
+        assert curv.layout == ("dense" if backend == "torch" else "packed")   # packed where it runs natively
+        for k, t in out["torch"][v].tensors.items():
+            torch.testing.assert_close(curv.dense(k), t, rtol=1e-5, atol=1e-6)
+
+
+def test_default_storage_follows_backend(monkeypatch):
+    model = tiny_llama()
+    monkeypatch.setenv("LALORA_BACKEND", "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert estimate_curvature(model, batches(1), progress=False).layout == "dense"
+        monkeypatch.setenv("LALORA_BACKEND", "auto")
+        assert estimate_curvature(model, batches(1), progress=False).layout == "packed"

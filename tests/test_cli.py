@@ -4,8 +4,9 @@ import warnings
 
 import pytest
 import torch
+from problems import tiny_hf_folder
 
-from lalora_kernels.cli import main
+from lalora_kernels.apps.cli import main
 
 
 def _check_outputs(out, inits, methods):
@@ -38,7 +39,7 @@ def test_demo_quick_reduced_budget(tmp_path, monkeypatch):
 
 
 def test_best_table_picks_the_best_run_that_keeps_the_target():
-    from lalora_kernels.demo import best_table
+    from lalora_kernels.apps.demo import best_table
     rows = [{"init": "zero", "method": "before fine-tuning", "lam": 0, "source_acc": 1.0, "target_acc": 0.0},
             {"init": "zero", "method": "lora", "lam": 0, "source_acc": 0.01, "target_acc": 1.0},
             {"init": "zero", "method": "kfac", "lam": 1, "source_acc": 0.5, "target_acc": 1.0},
@@ -48,24 +49,9 @@ def test_best_table_picks_the_best_run_that_keeps_the_target():
     assert best_table(rows).splitlines()[2:] == ["| lora | 0.010 |", "| kfac | 0.600 (3) |", "| diag | - |"]
 
 
-def _tiny_hf_folder(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    chars = list("abcdefghijklmnopqrstuvwxyz .,")
-    vocab = {c: k for k, c in enumerate(["<unk>", "<pad>", "</s>"] + chars)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-
-
 def test_demo_on_a_saved_model_and_jsonl(tmp_path):
     model_dir = tmp_path / "model"
-    _tiny_hf_folder(model_dir)
+    tiny_hf_folder(model_dir)
     src, tgt = tmp_path / "src.jsonl", tmp_path / "tgt.jsonl"
     src.write_text("\n".join(json.dumps({"text": f"the cat sat on mat {k}."[:-2]}) for k in range(8)))
     tgt.write_text("\n".join(json.dumps({"text": "a quick brown fox, " * (1 + k % 3)}) for k in range(10)))
@@ -83,7 +69,7 @@ def test_demo_rejects_bad_files(tmp_path):
         main(["demo", "--model", str(tmp_path)])           # --source/--target missing
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"content": "x"}\n{"content": "y"}\n')
-    from lalora_kernels.demo_files import read_jsonl
+    from lalora_kernels.apps.demo_files import read_jsonl
     with pytest.raises(ValueError, match="'text' field"):
         read_jsonl(str(bad))
 

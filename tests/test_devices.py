@@ -4,7 +4,7 @@ data, no kernel; the ops' fake implementations give the shapes): construction an
 fails here as it would on a GPU, where CI cannot look."""
 import pytest
 import torch
-from test_penalty import LAYOUT, _problem
+from problems import LAYOUT, penalty_problem as _problem
 
 from lalora_kernels import LaplacePenalty, LoRACurvature
 
@@ -29,7 +29,7 @@ def test_penalty_on_a_cuda_device_mixes_no_cpu_tensor(variant, layout):
         curv = curv.to_layout("packed")
     curv.tensors = {k: t.to("meta") for k, t in curv.tensors.items()}   # built (and checked) on the CPU
     pen = LaplacePenalty(curv, lam=1.0, prior_precision=0.1)
-    assert all(b.device.type == "meta" for b in pen.buffers())
+    assert all(t.device.type == "meta" for t in pen.tensors())
     A = [a.detach().to("meta").requires_grad_() for a in p["A"]]
     B = [b.detach().to("meta").requires_grad_() for b in p["B"]]
     value = pen(A, B)

@@ -13,7 +13,7 @@ CASES = [("tri", "empirical", "shard"), ("diag", "empirical", "shard"), ("wkfac"
 
 
 def _worker(rank, world, init_file, out_dir):
-    from models import batches, tiny_llama
+    from problems import batches, tiny_llama
 
     from lalora_kernels import estimate_curvature
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -31,7 +31,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def _single(variant, fisher):
-    from models import batches, tiny_llama
+    from problems import batches, tiny_llama
 
     from lalora_kernels import estimate_curvature
     with warnings.catch_warnings():
@@ -83,7 +83,7 @@ def _lora_params(model):
 def _moved_model():
     """The test model in eval mode (no dropout) with LoRA weights moved off the anchor, the same
     on every rank and in the single process."""
-    from models import tiny_llama
+    from problems import tiny_llama
     model = tiny_llama()
     model.eval()
     torch.manual_seed(11)
@@ -105,7 +105,7 @@ def _train(model, reg, batches, steps=3):
 def _penalty_worker(rank, world, init_file, out_dir):
     import json
 
-    from models import batches, tiny_llama
+    from problems import batches, tiny_llama
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from lalora_kernels import LaLoRARegularizer, estimate_curvature
@@ -129,8 +129,7 @@ def _penalty_worker(rank, world, init_file, out_dir):
             g /= world
         out = {"value_err": abs(sh.full_value(v_sh) - float(v_rep)) / float(v_rep),
                "grad_err": max(float((a - b).abs().max()) for a, b in zip(g_sh, g_rep)),
-               "bytes_rep": sum(b.numel() * b.element_size() for b in rep.penalty.buffers()),
-               "bytes_sh": sum(b.numel() * b.element_size() for b in sh.penalty.buffers())}
+               "bytes_rep": rep.penalty.memory_bytes(), "bytes_sh": sh.penalty.memory_bytes()}
         local = [{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()} for b in data]   # 2 rows each
         for mode, reg in (("replicated", rep), ("sharded", sh)):
             m = _moved_model()
@@ -146,7 +145,7 @@ def _penalty_worker(rank, world, init_file, out_dir):
 def test_sharded_penalty_and_ddp_training(tmp_path):
     import json
 
-    from models import batches, tiny_llama
+    from problems import batches, tiny_llama
 
     from lalora_kernels import LaLoRARegularizer, estimate_curvature
     mp.spawn(_penalty_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

@@ -1,12 +1,12 @@
 """Property test: for random adapter layouts (shared inputs, mixed ranks and shapes, zero anchors),
 the grouped penalty equals the per-adapter closed form, value and gradients."""
 import torch
-from dense import spd
+from problems import spd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lalora_kernels import fused_laplace_penalty
-from lalora_kernels.reference import finalize, penalty_closed_form
+from lalora_kernels.reference.closed_form import finalize, penalty_closed_form
 
 
 @st.composite

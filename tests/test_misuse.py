@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from models import batches, tiny_llama
+from problems import batches, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BatchEncoding
@@ -173,7 +173,7 @@ def test_from_tensors_skips_the_factors_of_zero_blocks(variant):
     """Passing Sx (or an all-zero FA, as it is when B* = 0) for an adapter with B* = 0 changes
     nothing: the block is exactly zero, so its factor is not kept, counted in mean_diag, nor read
     (SPEC section 5)."""
-    from test_penalty import LAYOUT, _problem
+    from problems import LAYOUT, penalty_problem as _problem
     p = _problem(torch.float64)                      # adapter 2 has B* = 0
     caa = [a @ p["Sx"][j] @ a.T for a, (*_, j) in zip(p["A0"], LAYOUT)]
     every = [j for *_, j in LAYOUT]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lalora_kernels import estimate_curvature
-from lalora_kernels.bench import FlatLogits
-from lalora_kernels.tiny import llama_lora, random_batches
+from lalora_kernels.apps.bench import FlatLogits
+from lalora_kernels.apps.tiny import llama_lora, random_batches
 
 
 @pytest.mark.parametrize("nonzero_b", [0.3, 0.0])

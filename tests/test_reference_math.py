@@ -1,9 +1,10 @@
 """SPEC section 4: the closed forms equal dense Kronecker quadratic forms and their autograd."""
 import pytest
 import torch
-from dense import dense_kfac_blocks, dense_value, spd
+from dense import dense_kfac_blocks, dense_value
+from problems import spd
 
-from lalora_kernels.reference import finalize, penalty_closed_form
+from lalora_kernels.reference.closed_form import finalize, penalty_closed_form
 
 SHAPES = [(5, 7, 3), (1, 9, 1), (13, 4, 2), (6, 6, 5)]   # (o, i, r)
 

@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 import torch
-from models import tiny_llama
+from problems import tiny_llama
 from transformers import TrainingArguments
 
 from lalora_kernels import LaLoRARegularizer, LoRACurvature
 from lalora_kernels.integrations import CURVATURE_FILE, LaLoRATrainer, LaLoRATrainerMixin
-from lalora_kernels.tiny import random_batches
+from lalora_kernels.apps.tiny import random_batches
 
 
 class Rows(torch.utils.data.Dataset):
@@ -101,12 +101,12 @@ def test_trainer_needs_curvature_or_source(tmp_path):
 def test_trl_sft_trainer_with_lalora(tmp_path):
     import trl                          # a dev dependency: always installed by `make test`
     from datasets import Dataset
-    from test_cli import _tiny_hf_folder
+    from problems import tiny_hf_folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lalora_kernels.integrations import make_lalora_trainer
-    from lalora_kernels.tiny import add_lora
-    _tiny_hf_folder(tmp_path / "m")
+    from lalora_kernels.apps.tiny import add_lora
+    tiny_hf_folder(tmp_path / "m")
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     model = add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), r=4, nonzero_b=0.1)
     texts = [f"the cat sat {'on the mat ' * (1 + k % 3)}" for k in range(12)]

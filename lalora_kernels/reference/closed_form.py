@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .packed import mirror_upper
+from .packed_format import mirror_upper
 
 Tensor = torch.Tensor
 

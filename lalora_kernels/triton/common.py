@@ -1,4 +1,5 @@
-"""Launch policy shared by the kernels: block sizes, N-splitting, dot precision."""
+"""Shared by the Triton kernels: launch policy (token-axis splits, dot precision), the item-table
+columns, operand checks."""
 from __future__ import annotations
 
 import os
@@ -7,21 +8,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ..gram_meta import ClassField
+
+# Columns of an item row of ``gram_meta.triton_tables`` (the class table's field order).
+ITEM_FIELDS = tl.constexpr(len(ClassField))
+ITEM_N = tl.constexpr(int(ClassField.n))
+ITEM_R = tl.constexpr(int(ClassField.R))
+ITEM_D_OFF = tl.constexpr(int(ClassField.d_off))
+ITEM_S_OFF = tl.constexpr(int(ClassField.s_off))
+ITEM_G_OFF = tl.constexpr(int(ClassField.g_off))
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programs wanted per launch before the token axis is split (about 2 waves on an H200's 132 SMs).
 TARGET_PROGRAMS = 264
 # fp32 operands: "ieee" under the interpreter (exact), 3xTF32 on the GPU (fp32-class accuracy).
 FP32_DOT = "ieee" if INTERPRET else "tf32x3"
-
-
-def launch(kernel):
-    """``kernel`` launchable from a ``triton_op``: ``wrap_triton(kernel)``, so that torch.compile
-    sees the launch; under the interpreter the kernel itself (before Triton 3.8 the interpreter's
-    ``triton.jit`` returns a function that ``wrap_triton`` refuses)."""
-    if INTERPRET:
-        return kernel
-    from torch.library import wrap_triton
-    return wrap_triton(kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import DegenerateCurvatureWarning, estimate_curvature
+from ..capture import DegenerateCurvatureWarning, estimate_curvature
 from .demo_tasks import accuracy, lm_loss, pretrained_base, task_batches
-from .penalty import LaLoRARegularizer
+from ..penalty import LaLoRARegularizer
 from .tiny import ALL_PROJ, add_lora
 
 VARIANTS = ("diag", "kfac", "tri", "wkfac")

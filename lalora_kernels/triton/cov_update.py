@@ -1,4 +1,4 @@
-"""Masked symmetric covariance update: ``S += w * X^T diag(m) X`` (SPEC sections 2 and 7).
+"""``lalora::cov_update_`` on Triton: ``S += w * X^T diag(m) X`` (SPEC sections 2 and 7).
 
 S: (n, n) fp32, in place; X: (N, n) bf16/fp16/fp32 (row stride free, column stride 1 or not);
 m: (N,) 0/1 or None; w: fp32 scalar. Only upper-triangle tiles (I <= J) are computed; each
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, check_operands, dot_precision, launch, live_rows, split_rows
+from .common import INTERPRET, check_operands, dot_precision, live_rows, split_rows
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor], 
     tiles = nt * (nt + 1) // 2
     k, rows = split_rows(tiles, N, splits)
     P = S if k == 1 else torch.zeros((k, n, n), dtype=torch.float32, device=S.device)
-    launch(_syrk_kernel)[(nt * nt, k)](
+    _syrk_kernel[(nt * nt, k)](
         X, m if m is not None else X, P, N, n, rows, X.stride(0), X.stride(1),
         0 if k == 1 else P.stride(0), float(weight), HAS_MASK=m is not None, BLOCK=block,
         BLOCK_K=64, PRECISION=dot_precision(X.dtype), UPCAST=INTERPRET,

@@ -22,10 +22,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _cpp
-from .capture import estimate_curvature
-from .ops import HAS_TRITON
-from .penalty import LaLoRARegularizer
+from .. import _cpp
+from ..capture import estimate_curvature
+from ..ops import HAS_TRITON
+from ..penalty import LaLoRARegularizer
 from .tiny import llama_lora, random_batches
 
 # name: (hidden, MLP, heads, kv heads, layers)

@@ -1,8 +1,9 @@
-"""``grouped_gram_quad`` on Triton: the kfac/tri penalty with its epilogue fused behind the products.
+"""``lalora::grouped_gram_quad`` on Triton: the kfac/tri penalty with its epilogue fused behind the
+products.
 
     v = 1/2 sum_k <C_k, G_k>,   dD_k = (W_k + W_k^T) Q_k,   W_k = C_k / 2,   G_k = Q_k D_k^T
 
-A program of the product kernels (``gram.dense_panel``, ``packed.packed_panel``) holds the block
+A program of the product kernels (``grouped_gram.panel``) holds the block
 ``Q_k[rows, J]``. When its row tile holds every row of the item (R <= BLOCK_R: R <= 64), every term
 is tile-local (SPEC section 4): the value's share is ``1/2 sum((C^T Q)[:, J] * D[:, J])`` and the
 gradient's column block is ``(W + W^T) Q[:, J]``, with the R x R weights in registers. Such a program
@@ -17,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..grouping import GramLayout
-from ..reference import class_views, gram_numel
-from .common import FP32_DOT, launch
-from .gram import PANEL, _gram_reduce_kernel, check_gram_operands, dense_panel, gram_share, work_item
-from .packed import _check_tile, packed_panel
+from ..gram_meta import DENSE_PANEL, block_r, gram_numel, read_classes, triton_tables
+from ..reference.grouped_gram import class_views
+from .common import FP32_DOT
+from .grouped_gram import _gram_reduce_kernel, check_gram_operands, gram_share, panel, work_item
 
 
 @triton.jit
@@ -49,18 +49,12 @@ def quad_share(q, D, C, dD, Vp, pid, d_off, g_off, n, R, rj, BLOCK_R: tl.constex
 
 
 @triton.jit
-def _quad_panels_kernel(D, S, Q, Gp, C, dD, Vp, items, work, w_start, cols,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        TILE: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr):
+def _quad_panels_kernel(D, S, Q, Gp, C, dD, Vp, items, work, w_start, cols, BLOCK_R: tl.constexpr,
+                        BLOCK_N: tl.constexpr, TILE: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rt, pj, s_off, n, d_off, R = work_item(items, work, w_start + pid)
-    g_off = tl.load(items + 5 * tl.load(work + 3 * (w_start + pid)) + 4)
+    rt, cj, n, R, d_off, s_off, g_off = work_item(items, work, w_start + pid)
     rr = rt * BLOCK_R + tl.arange(0, BLOCK_R)
-    rj = pj * BLOCK_N + tl.arange(0, BLOCK_N)
-    if TILE > 0:            # tile-packed factor: BLOCK_N == TILE, column block pj is tile column pj
-        q = packed_panel(D, S, s_off, n, d_off, R, rr, pj, BLOCK_R, TILE, PRECISION)
-    else:
-        q = dense_panel(D, S, s_off, n, d_off, R, rr, rj, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)
+    q, rj = panel(D, S, s_off, n, d_off, R, rr, cj, BLOCK_R, BLOCK_N, TILE, PRECISION)
     if R <= BLOCK_R:
         quad_share(q, D, C, dD, Vp, pid, d_off, g_off, n, R, rj, BLOCK_R, GRAD, PRECISION)
     else:
@@ -68,36 +62,33 @@ def _quad_panels_kernel(D, S, Q, Gp, C, dD, Vp, items, work, w_start, cols,
         gram_share(q, D, Q, Gp, pid, d_off, n, R, rr, rj, cols, BLOCK_R, PRECISION)
 
 
-def grouped_gram_quad(D: torch.Tensor, arena: torch.Tensor, items: torch.Tensor, work: torch.Tensor,
-                      pairs: torch.Tensor, plan: list[int], classes: list[int], tile: int, C: torch.Tensor,
+def grouped_gram_quad(D: torch.Tensor, arena: torch.Tensor, classes: list[int], tile: int, C: torch.Tensor,
                       grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: D (d_size,) fp32, arena fp32/bf16 (dense factors for tile 0, else tile-packed), C
-    like G, tables from ``GramLayout(classes, tile=tile).tables()``. Returns (v, dD or empty)."""
-    check_gram_operands(D, arena)
-    if tile:
-        _check_tile(tile)
+    """Launcher: D flat fp32, arena flat fp32/bf16 (dense factors for tile 0, else tile-packed), C
+    like G. Returns (v, dD or empty)."""
+    D = D.float()
+    check_gram_operands(D, arena, tile)
     g_size = gram_numel(classes)
-    if C.numel() != g_size:
-        raise ValueError(f"C has {C.numel()} numbers; it must hold {g_size} (one per entry of G)")
     C = C.to(torch.float32)
-    ranks = classes[1::6]
-    wide = [R > GramLayout.block_r(R) for R in ranks]           # classes with several row tiles
-    dD = torch.empty_like(D) if grad else D.new_empty(0)
+    tab = triton_tables(tuple(classes), tile, str(D.device))
+    ranks = [c.R for c in read_classes(classes)]
+    wide = [R > block_r(R) for R in ranks]                     # classes with several row tiles
+    dD = torch.zeros_like(D) if grad else D.new_empty(0)
     unused = D.new_empty(0)        # for pointers a launch never writes through (never an input)
-    Q = torch.empty_like(D) if any(wide) else unused
-    G = torch.empty(g_size, dtype=torch.float32, device=D.device) if any(wide) else unused
-    Vp = torch.empty(plan[-5] if plan else 0, dtype=torch.float32, device=D.device)  # a share per program
-    for b in range(0, len(plan), 6):
-        w0, w1, p0, p1, br, cols = plan[b:b + 6]
-        two_pass = any(w and GramLayout.block_r(R) == br for w, R in zip(wide, ranks))
+    Q = torch.zeros_like(D) if any(wide) else unused
+    G = torch.zeros(g_size, dtype=torch.float32, device=D.device) if any(wide) else unused
+    b = tab.buckets
+    Vp = torch.empty(b[-5] if b else 0, dtype=torch.float32, device=D.device)     # a share per program
+    for k in range(0, len(b), 6):
+        w0, w1, p0, p1, br, cols = b[k:k + 6]
+        two_pass = any(w and block_r(R) == br for w, R in zip(wide, ranks))
         Gp = torch.empty((w1 - w0) * br * cols, dtype=torch.float32, device=D.device) if two_pass else unused
-        launch(_quad_panels_kernel)[(w1 - w0,)](
-            D, arena, Q, Gp, C, dD if grad else unused, Vp[w0:w1], items, work, w0, cols, BLOCK_R=br,
-            BLOCK_N=tile or PANEL, BLOCK_K=64, TILE=tile, GRAD=grad, PRECISION=FP32_DOT,
-            num_warps=4, num_stages=3)
+        _quad_panels_kernel[(w1 - w0,)](
+            D, arena, Q, Gp, C, dD if grad else unused, Vp[w0:w1], tab.items, tab.work, w0, cols, BLOCK_R=br,
+            BLOCK_N=tile or DENSE_PANEL, TILE=tile, GRAD=grad, PRECISION=FP32_DOT, num_warps=4, num_stages=3)
         if two_pass:
-            launch(_gram_reduce_kernel)[(p1 - p0,)](Gp, G, items, pairs, p0, cols, BLOCK_R=br,
-                                                          ONLY_WIDE=True, num_warps=4)
+            _gram_reduce_kernel[(p1 - p0,)](Gp, G, tab.items, tab.pairs, p0, cols, BLOCK_R=br, ONLY_WIDE=True,
+                                            num_warps=4)
     v = Vp.sum()                   # shares in work order: the same bits run to run
     if any(wide):             # the epilogue of the items with several row tiles, as torch ops
         views = zip(wide, class_views(C, classes, "G"), class_views(G, classes, "G"),

@@ -13,13 +13,11 @@ their upper triangle (``mirror_upper``), never from a product that merely ought 
 BLAS promises that ``(X^T X)[i, j]`` and ``[j, i]`` are summed in the same order). The tiles of one
 tile row are contiguous, so a backend can stream a tile row with unit stride.
 
-This module is the oracle of every packed kernel: ``pack``/``unpack`` (an exact round trip),
-``packed_cov_update_`` and ``packed_sym_gram`` (``Q = D S``, ``G = D S D^T``) read and write only the
-packed numbers.
+This module defines the format (``pack``/``unpack``: an exact round trip for every exactly
+symmetric factor); the reference kernels that read and write it are ``packed_cov_update`` and
+``grouped_gram``.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -109,61 +107,3 @@ def packed_trace(P: torch.Tensor, n: int, tile: int = TILE) -> torch.Tensor:
     nt = num_tiles(n, tile)
     diag = torch.tensor([tile_row_start(I, nt) for I in range(nt)], device=P.device)
     return tiles[diag].diagonal(dim1=1, dim2=2).sum()
-
-
-def packed_cov_update_(P: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                       weight: float = 1.0, tile: int = TILE) -> None:
-    """S += weight * X^T diag(mask) X on a packed S (n = X.shape[-1]), in place.
-
-    Tile row I is one product of X's columns I*T:(I+1)*T against columns I*T:, so about
-    (1 + T/n)/2 of the dense multiply-adds are done; a diagonal tile adds the mirror of its
-    product's upper triangle.
-    """
-    from .covariance import _valid_rows
-    check_tile(tile)
-    n = X.shape[-1]
-    tiles = _tiles(P, n, tile)
-    nt = num_tiles(n, tile)
-    Xv = _valid_rows(X, mask, P.dtype)
-    Xv = torch.nn.functional.pad(Xv, (0, nt * tile - n))
-    for I in range(nt):
-        lo = I * tile
-        row = (Xv[:, lo:lo + tile].T @ Xv[:, lo:]).view(tile, nt - I, tile).transpose(0, 1)
-        row = torch.cat([mirror_upper(row[0]).unsqueeze(0), row[1:]])
-        start = tile_row_start(I, nt)
-        tiles[start:start + nt - I].add_(row, alpha=weight)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype products with factors stored in ``dtype`` run and return in: float64 for float64
-    factors, float32 otherwise (bf16 factors are a storage format; their products accumulate in fp32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def packed_sym_gram(D: torch.Tensor, P: torch.Tensor, n: int, tile: int = TILE
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """G = D S D^T and Q = D S for a batch of packed factors, reading each stored tile once.
-
-    D: (b, R, n) any float dtype; P: (b, packed_numel(n)) or a flat buffer of b packed factors.
-    Returns G (b, R, R) and Q (b, R, n) in fp64 for fp64 factors, else fp32 (bf16 factors are
-    upcast one tile row at a time). Tile (I, J), I < J, adds D_I S_IJ to Q's column block J and
-    D_J S_IJ^T to block I; a diagonal tile adds D_I S_II once.
-    """
-    check_tile(tile)
-    b, R = D.shape[0], D.shape[1]
-    nt = num_tiles(n, tile)
-    tiles = P.reshape(b, -1, tile, tile)
-    if tiles.shape[1] != nt * (nt + 1) // 2:
-        raise ValueError(f"expected {b} packed factors of n={n}, tile={tile}; got {P.numel()} numbers")
-    ct = compute_dtype(P.dtype)
-    D = D.to(ct)
-    Dp = torch.nn.functional.pad(D, (0, nt * tile - n)).view(b, R, nt, tile)
-    Q = torch.zeros_like(Dp)
-    for I in range(nt):
-        start = tile_row_start(I, nt)
-        row = tiles[:, start:start + nt - I].to(ct)                     # (b, nt-I, T, T)
-        Q[:, :, I:] += torch.einsum("brt,bjts->brjs", Dp[:, :, I], row)
-        if I + 1 < nt:
-            Q[:, :, I] += torch.einsum("brjs,bjts->brt", Dp[:, :, I + 1:], row[:, 1:])
-    Q = Q.reshape(b, R, nt * tile)[:, :, :n]
-    return torch.bmm(Q, D.transpose(1, 2)), Q.contiguous()

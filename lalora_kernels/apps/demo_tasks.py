@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .tiny import tiny_llama
-from .version import __version__
+from ..version import __version__
 
 K = 32                      # content tokens; K and K + 1 are the task markers
 BASE = dict(hidden=128, inter=256, layers=2, heads=4, kv_heads=2, vocab=K + 2)

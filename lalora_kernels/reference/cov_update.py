@@ -1,8 +1,8 @@
-"""Masked covariance accumulation (SPEC section 2 and 7), pure PyTorch.
+"""``lalora::cov_update_``, pure PyTorch: masked covariance accumulation (SPEC sections 2 and 7).
 
-These are the CPU kernels of ``lalora::cov_update_`` and ``lalora::sqcov_update_`` and the
-oracle every other backend is tested against. Inputs may be bf16/fp16/fp32/fp64; the update is
-carried out in the accumulator's dtype (fp32, or fp64 for float64 models).
+The op's kernel on the CPU and the oracle of every other backend. Inputs may be
+bf16/fp16/fp32/fp64; the update is carried out in the accumulator's dtype (fp32, or fp64 for
+float64 models).
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Optional
 
 import torch
 
-from .packed import mirror_upper
+from .packed_format import mirror_upper
 
 # Column-panel width of the one-triangle update. Panels are wide enough for BLAS to run at full
 # speed, and with n/256 panels only about (1 + 256/n)/2 of the full GEMM's multiply-adds are done.
 SYRK_PANEL = 256
 
 
-def _valid_rows(X: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def valid_rows(X: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """X as (N, n) in ``dtype`` with masked rows zeroed (no data-dependent shapes: traceable)."""
     X = X.reshape(-1, X.shape[-1]).to(dtype)
     if mask is not None:
@@ -35,7 +35,7 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] =
     diagonal block adds the mirror of its upper triangle, so a symmetric S stays exactly (bitwise)
     symmetric whatever order the GEMM summed in.
     """
-    X = _valid_rows(X, mask, S.dtype)
+    X = valid_rows(X, mask, S.dtype)
     n = X.shape[1]
     for lo in range(0, n, SYRK_PANEL):
         hi = min(lo + SYRK_PANEL, n)
@@ -44,14 +44,3 @@ def cov_update_(S: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] =
         S[lo:hi, lo:hi].add_(mirror_upper(diag), alpha=weight)
         S[lo:hi, hi:].add_(panel[:, hi - lo:], alpha=weight)
         S[hi:, lo:hi].add_(panel[:, hi - lo:].T, alpha=weight)
-
-
-def sqcov_update_(F: torch.Tensor, G: torch.Tensor, X: torch.Tensor,
-                  mask: Optional[torch.Tensor] = None, weight: float = 1.0) -> None:
-    """F += weight * (G*G)^T diag(mask) (X*X), in place (the ``diag`` curvature's GEMM).
-
-    F: (p, q) fp32/fp64, G: (..., p), X: (..., q) with the same leading shape, mask as above.
-    """
-    G = _valid_rows(G, mask, F.dtype)
-    X = _valid_rows(X, mask, F.dtype)
-    F.addmm_(G.square().T, X.square(), alpha=weight)

@@ -1,8 +1,8 @@
-"""Squared-operand accumulation for the ``diag`` curvature: ``F += w * (G*G)^T diag(m) (X*X)``.
+"""``lalora::sqcov_update_`` on Triton (the ``diag`` curvature): ``F += w * (G*G)^T diag(m) (X*X)``.
 
 F: (p, q) fp32, in place; G: (N, p), X: (N, q) bf16/fp16/fp32; m: (N,) 0/1 or None. The squares
 are formed in registers in fp32 and never stored. Token-axis splitting and the deterministic
-reduction follow ``accumulate``.
+reduction follow ``cov_update``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP32_DOT, check_operands, launch, live_rows, split_rows
+from .common import FP32_DOT, check_operands, live_rows, split_rows
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def sqcov_update_(F: torch.Tensor, G: torch.Tensor, X: torch.Tensor, mask: Optio
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
     k, rows = split_rows(tiles, N, splits)
     P = F if k == 1 else torch.zeros((k, p, q), dtype=torch.float32, device=F.device)
-    launch(_sq_gemm_kernel)[(tiles, k)](
+    _sq_gemm_kernel[(tiles, k)](
         G, X, m if m is not None else G, P, N, p, q, rows, G.stride(0), G.stride(1), X.stride(0),
         X.stride(1), 0 if k == 1 else P.stride(0), float(weight), HAS_MASK=m is not None,
         BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=64, PRECISION=FP32_DOT, num_warps=4, num_stages=3)
