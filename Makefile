@@ -47,6 +47,7 @@ test: setup peers
 	  $(BIN)/python -m pytest -q -m "not inductor" $(KERNEL_TESTS)
 
 bench: setup
+	$(BIN)/python -m pytest -q benchmarks/ --benchmark-only --benchmark-autosave
 	$(BIN)/lalora bench --repeats 5 --out benchmarks/results/lalora_bench
 	$(BIN)/python benchmarks/bench_penalty_cpu.py
 	$(BIN)/python benchmarks/bench_capture_cpu.py

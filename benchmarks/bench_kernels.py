@@ -70,7 +70,7 @@ def accumulation(dev, shapes, ranks, tokens, ceil) -> list[dict]:
             Sb = torch.zeros(n, n, device=dev, dtype=torch.bfloat16)
             ours = bench(lambda: cov_update_(S, X, None, 1.0))
             addmm = bench(lambda: Sb.addmm_(X.T, X))
-            tflops = 2 * N * n * n / ours / 1e9   # dense-equivalent: N n^2 multiply-adds (SPEC; issue #3)
+            tflops = 2 * N * n * n / ours / 1e9   # dense-equivalent: N n^2 multiply-adds (SPEC section 7)
             rows.append({"n": n, "N": N, "ours_ms": round(ours, 4), "addmm_bf16_ms": round(addmm, 4),
                          "speedup": round(addmm / ours, 2), "dense_equiv_TFLOPs": round(tflops, 1),
                          "of_mm_ceiling": round(tflops / ceil["bf16_mm_TFLOPs"], 3)})

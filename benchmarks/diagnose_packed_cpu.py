@@ -1,4 +1,4 @@
-"""CPU: where the packed C++ product's time goes, at the shapes of issue #5 (why r = 64 stays under
+"""CPU: where the packed C++ product's time goes, at n = 2048 (why r = 64 stays under
 1.5x the dense reference). Side by side in one run, for R rows of D per bundle, the same
 multiply-adds (R n^2 per bundle, ``bundles`` bundles of size n) five ways:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's check, in one go (< 7 minutes): correctness of the Triton backend on the GPU,
+# The GPU check in one go (< 7 minutes): correctness of the Triton backend on the GPU,
 # torch.compile tracing into the kernels, then the kernel benchmarks against ceilings measured in
 # the same run. Everything is written under $OUT (default benchmarks/results/gpu); a short table
 # is printed last. Runs from the repository root with the machine's own python3/torch/triton.

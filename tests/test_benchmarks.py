@@ -68,3 +68,11 @@ def test_gpu_e2e_smoke(tmp_path):
     assert penalty["packed bfloat16"]["factor_MiB"] < penalty["packed float32"]["factor_MiB"] \
         < penalty["dense float32"]["factor_MiB"]
     assert all(r["vs_step"] > 0 for r in penalty.values())
+
+
+def test_pytest_benchmarks_run(tmp_path):
+    """benchmarks/test_cpu_micro.py (the pytest-benchmark suite of make bench), each case once."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          str(ROOT / "benchmarks" / "test_cpu_micro.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

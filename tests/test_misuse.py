@@ -1,4 +1,4 @@
-"""Misuse that used to give silently wrong results or unhelpful errors (review of 2026-11-29)."""
+"""Misuse of the API: each case gives a clear error that names the argument and the fix, never a silently wrong result."""
 import json
 import warnings
 
