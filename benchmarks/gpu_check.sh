@@ -8,13 +8,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$OUT"
-{
-  date -u +%FT%TZ
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+source benchmarks/gpu_env.sh
 
 status=0
 # stage limits add up to 380 s; no -x, so that one failure does not hide the other results

@@ -13,11 +13,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/peers"
 fi
-{
-  date -u +%FT%TZ
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+source benchmarks/gpu_env.sh
 timeout -k 10 470 python3 benchmarks/gpu_e2e.py --sizes 1b,3b,8b --budget 330 --out "$OUT" 2>&1 | tee "$OUT/run.txt"

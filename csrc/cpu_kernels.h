@@ -30,6 +30,10 @@ struct CpuKernels {
                         int64_t I0, int64_t I1, double* U);
 };
 
+// An isa_*.cpp file's table, from the entry points its included cpu_kernels_impl.h defined.
+#define LALORA_KERNEL_TABLE(NAME) \
+  { NAME, gemm_f32, gemm_f64, gram_dots_f32, gram_dots_f64, gram_task_f32, gram_task_bf16, gram_task_f64 }
+
 // The kernels of each instruction set this build carries (nullptr where it carries none).
 namespace isa_default { const CpuKernels& kernels(); }
 namespace isa_avx2 { const CpuKernels* kernels(); }

@@ -18,8 +18,7 @@
 namespace lalora::isa_avx512 {
 const CpuKernels* kernels() {
   using namespace impl;
-  static const CpuKernels k{"avx512", gemm_f32, gemm_f64, gram_dots_f32, gram_dots_f64,
-                            gram_task_f32, gram_task_bf16, gram_task_f64};
+  static const CpuKernels k = LALORA_KERNEL_TABLE("avx512");
   return &k;
 }
 }  // namespace lalora::isa_avx512
