@@ -112,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gram(const at::Tensor& D_in, const at
   std::vector<int64_t> part_off{0}, cost;          // cost: multiply-adds, tiles read x rows of D
   for (int64_t c = 0; c < (int64_t)classes.size() / CLASS_FIELDS; ++c) {
     const GramClass k = GramClass::at(classes, c);
+    if (k.m == 0) continue;                      // an empty class: nothing to read or write
     const int64_t nt = num_tiles(k.n, T);
     const auto bounds = chunk_bounds(nt, num_chunks(k.n, k.R, k.m, nt));
     const int64_t parts = (int64_t)bounds.size() - 1;

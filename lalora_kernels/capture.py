@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import ops as lalora_ops
 from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_layout, check_variant
-from .distributed import all_reduce_sums, rank_generator
+from .distributed import agree, all_reduce_sums, fingerprint, rank_generator
 from .lora_layers import LoRALayerRef, find_lora_layers
 from .gram_meta import GramMeta
 from .reference.packed_format import TILE, check_tile, packed_numel
@@ -34,7 +34,7 @@ class DegenerateCurvatureWarning(UserWarning):
     """The anchors make part of the curvature exactly zero (SPEC section 5)."""
 
 
-def _unpack(batch, device) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _unpack(batch, device, vocab: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     if isinstance(batch, Mapping):          # dict, or transformers' BatchEncoding
         if "input_ids" not in batch:
             raise ValueError(f"a batch dict must hold 'input_ids' (got keys {sorted(batch)})")
@@ -47,6 +47,17 @@ def _unpack(batch, device) -> tuple[torch.Tensor, Optional[torch.Tensor], Option
     ids = ids.to(device)
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"input_ids has shape {tuple(ids.shape)}: a batch needs at least one sequence of at least "
+                         "one token")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
+    if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ValueError(f"input_ids holds token ids from {int(ids.min())} to {int(ids.max())} but the model's "
+                         f"embedding has {vocab} rows: tokenize with the model's own tokenizer")
+    for name, t in (("attention_mask", mask), ("labels", labels)):
+        if t is not None and tuple(t.shape) != tuple(ids.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}; they must match")
     return ids, None if mask is None else mask.to(device), None if labels is None else labels.to(device)
 
 
@@ -80,6 +91,8 @@ class _Capture:
         p = refs[0].A
         self.dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         self.device = p.device
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab = getattr(emb, "num_embeddings", None)
         self.sums: dict[str, torch.Tensor] = {}
         self.plan: Optional[_Plan] = None
         self.seen: list[tuple[str, torch.Tensor]] = []   # first forward: (name, x) for dedup
@@ -189,13 +202,11 @@ class _Capture:
 
     # -- one batch ------------------------------------------------------------------------------
     def run_batch(self, batch, fisher: str, mc_samples: int, generator) -> int:
-        ids, mask, labels = _unpack(batch, self.device)
+        ids, mask, labels = _unpack(batch, self.device, self.vocab)
         if labels is None and fisher == "empirical":
             raise ValueError("fisher='empirical' needs labels: give batches with 'labels' (-100 where no "
                              "loss) or (input_ids, labels) tuples, or use fisher='mc'")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        if labels is not None and labels.shape != ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(ids.shape)}")
         self.valid = valid.reshape(-1)
         kwargs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
         logits = self.model(**kwargs, use_cache=False).logits[:, :-1].float()
@@ -312,13 +323,20 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     num_tokens = nb = 0
     it = batches if max_batches is None else itertools.islice(batches, max_batches)
     generator = rank_generator(generator, cap.device) if fisher == "mc" else generator
-    with cap.attached(), torch.enable_grad():        # also when called under torch.no_grad()
-        for batch in tqdm(it, desc=f"lalora curvature ({variant})", disable=not progress,
-                          total=max_batches, unit="batch"):
-            num_tokens += cap.run_batch(batch, fisher, mc_samples, generator)
-            nb += 1
-    if nb == 0:
-        raise ValueError("batches is empty: pass at least one batch of source (proxy) data")
+    error = None
+    try:
+        with cap.attached(), torch.enable_grad():        # also when called under torch.no_grad()
+            for batch in tqdm(it, desc=f"lalora curvature ({variant})", disable=not progress,
+                              total=max_batches, unit="batch"):
+                num_tokens += cap.run_batch(batch, fisher, mc_samples, generator)
+                nb += 1
+        if nb == 0:
+            raise ValueError("batches is empty: pass at least one batch of source (proxy) data")
+    except Exception as exc:                     # every rank must hear of it before any reduction
+        error = exc
+    agree(error, None if error else fingerprint(
+        cap.sums, [t for r in cap.refs for t in (cap.plan.A0[r.name], cap.plan.B0[r.name])], variant=variant,
+        fisher=fisher, mc_samples=mc_samples, storage=storage, tile=cap.tile, dtype=str(cap.dtype)))
     num_tokens = all_reduce_sums(cap.sums, num_tokens, cap.packed_dims(), cap.tile)   # no-op outside torch.distributed
     if num_tokens == 0:
         raise ValueError("every token of every batch is masked out (attention_mask all 0)")

@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 
 from .gram_meta import CLASS_FIELDS, ClassField, factor_numel, gram_numel
-from .reference.packed_format import packed_numel
+from .reference.packed_format import MAX_TILE, packed_numel
 
 ACCUMULATORS = (torch.float32, torch.float64)
 ARENAS = (torch.float32, torch.float64, torch.bfloat16)
-MAX_TILE = 64          # the C++ kernels' stack buffers hold one 64 x 64 tile
 
 
 def _float(name: str, t: Tensor) -> None:

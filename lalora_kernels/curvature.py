@@ -7,17 +7,16 @@ the variant is simply absent, and ``AdapterInfo.has_sx`` / ``has_sg`` say so.
 """
 from __future__ import annotations
 
-import inspect
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from . import curvature_file
 from .reference.closed_form import finalize
-from .reference.packed_format import TILE, check_tile, pack, packed_numel, packed_trace, unpack
+from .reference.packed_format import (TILE, check_tile, mirror_diagonal_tiles_, mirror_upper, pack, packed_numel,
+                                      packed_trace, unpack)
 from .version import __version__
 
 VARIANTS = ("diag", "kfac", "tri", "wkfac")
@@ -47,12 +46,40 @@ class AdapterInfo:
     has_sx: bool         # Sx of sx_key is stored and used by this adapter
     has_sg: bool         # Sg of this module is stored
 
+    def validate(self) -> None:
+        for name in ("in_features", "out_features", "rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) \
+                or not math.isfinite(self.scaling) or self.scaling <= 0:
+            raise ValueError(f"scaling={self.scaling!r} must be a finite number > 0")
+        if not isinstance(self.sx_key, str) or not isinstance(self.has_sx, bool) or not isinstance(self.has_sg, bool):
+            raise ValueError("sx_key must be a string and has_sx, has_sg booleans")
+
 
 def _require(fin: dict, key: str, k: int) -> torch.Tensor:
     if key not in fin:
         raise ValueError(f"adapter {k}: {key} is needed; pass {key}[{k}] or the factor it derives from "
                          "(Sx for Caa, Sg for Cbb)")
     return fin[key]
+
+
+def _symmetric_input(name: str, S: torch.Tensor) -> torch.Tensor:
+    """A caller's covariance factor, exactly symmetric: S itself when it is, else (when it is within
+    ``LoRACurvature.SYMMETRY_TOL``, e.g. a GEMM's rounding) a copy mirrored from its upper triangle,
+    so that dense and packed storage see the same matrix."""
+    if not isinstance(S, torch.Tensor) or S.dim() != 2 or S.shape[0] != S.shape[1] or not S.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a square floating-point (n, n) tensor, got "
+                         f"{tuple(S.shape) if isinstance(S, torch.Tensor) else type(S).__name__}")
+    if torch.equal(S, S.T):
+        return S
+    scale = float(S.abs().max())
+    asym = float((S - S.T).abs().max())
+    if asym > LoRACurvature.SYMMETRY_TOL * scale:
+        raise ValueError(f"{name} is not symmetric (max |S - S^T| = {asym:.3g} of max |S| = {scale:.3g}); pass the "
+                         "covariance itself, e.g. X.T @ X / N")
+    return mirror_upper(S)
 
 
 def adapter_tensor_keys(adapters: dict[str, AdapterInfo], names) -> list[str]:
@@ -99,6 +126,8 @@ class LoRACurvature:
                          ("Cbb", Cbb)):
             if len(val) != n:
                 raise ValueError(f"{arg} has {len(val)} entries but A_star has {n}; give one per adapter")
+        Sx = [_symmetric_input(f"Sx[{j}]", S) for j, S in enumerate(Sx)]
+        Sg = [None if S is None else _symmetric_input(f"Sg[{k}]", S) for k, S in enumerate(Sg)]
         tensors, adapters, kron = {}, {}, variant in ("kfac", "tri")
         for k in range(n):
             if A_star[k].dim() != 2 or B_star[k].dim() != 2 or B_star[k].shape[1] != A_star[k].shape[0]:
@@ -145,8 +174,10 @@ class LoRACurvature:
         devices = {t.device for t in tensors.values()}
         if len(devices) > 1:
             raise ValueError(f"factors and anchors are on several devices {devices}; move them to one")
-        return cls(variant=variant, fisher="empirical", mc_samples=1, num_tokens=num_tokens,
+        curv = cls(variant=variant, fisher="empirical", mc_samples=1, num_tokens=num_tokens,
                    adapter_name="default", model_type="external", adapters=adapters, tensors=tensors)
+        curv.validate()
+        return curv
 
     # ---- access -------------------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Optional[torch.Tensor]:
@@ -314,6 +345,60 @@ class LoRACurvature:
                 raise ValueError(f"curvature tensor {k!r} has non-finite entries (NaN/Inf); the proxy "
                                  "pass overflowed or the model diverged: re-estimate in fp32 on finite data")
 
+    FACTOR_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+    SYMMETRY_TOL = 1e-5          # |S - S^T| / max|S| accepted (and mirrored away) from foreign data
+
+    def validate(self, stored_norm: Optional[float] = None) -> None:
+        """The checks for data from outside (files, ``from_tensors``): factors of one float dtype,
+        anchors floating; every symmetric factor symmetric (to ``SYMMETRY_TOL``, then made exact
+        from its upper triangle) with a non-negative diagonal; ``FA``/``FB`` non-negative; and, with
+        ``stored_norm``, the normalisation consistent with the factors."""
+        factor_dtypes = {t.dtype for k, t in self.tensors.items() if not k.startswith(("A0/", "B0/"))}
+        if not factor_dtypes <= set(self.FACTOR_DTYPES) or len(factor_dtypes) > 1:
+            raise ValueError(f"the factors are {sorted(map(str, factor_dtypes))}; they must all be one of float32, "
+                             "float64 or bfloat16: cast them with curvature.to(dtype=...)")
+        bad = [k for k, t in self.tensors.items() if k.startswith(("A0/", "B0/")) and not t.dtype.is_floating_point]
+        if bad:
+            raise ValueError(f"anchors {bad[:3]} are not floating point")
+        for key, t in self.tensors.items():
+            kind = key.split("/", 1)[0]
+            if kind in ("Sx", "Sg", "Caa", "Cbb"):
+                self._symmetric(key, t)
+            elif kind in ("FA", "FB") and bool((t < 0).any()):
+                raise ValueError(f"curvature tensor {key!r} has negative entries; a diagonal Fisher is a mean of squares")
+        if stored_norm is not None:
+            fresh = self._mean_diag()
+            tol = 1e-2 if self.factor_dtype == torch.bfloat16 else 1e-5
+            if not math.isclose(stored_norm, fresh, rel_tol=tol, abs_tol=1e-300):
+                raise ValueError(f"norm_constant={stored_norm!r} does not match the factors' mean diagonal {fresh!r}; "
+                                 "the file was edited or corrupted: re-save the curvature")
+
+    def _symmetric(self, key: str, t: torch.Tensor) -> None:
+        """Check one symmetric factor (dense, or the diagonal tiles of a packed one) and mirror it."""
+        if not t.numel():
+            return
+        scale = max(abs(float(t.amax())), abs(float(t.amin())))
+        if self.is_packed(key):
+            n, T = self.dim(key), self.tile
+            nt = -(-n // T)
+            blocks = t.view(-1, T, T)[torch.tensor([I * nt - I * (I - 1) // 2 for I in range(nt)], device=t.device)]
+            asym = float((blocks - blocks.transpose(1, 2)).abs().max())
+            diag = blocks.diagonal(dim1=1, dim2=2)
+        else:          # in row blocks, so that no n x n temporary is made
+            asym = max(float((t[i:i + 1024] - t[:, i:i + 1024].T).abs().max()) for i in range(0, t.shape[0], 1024))
+            diag = t.diagonal()
+        if asym > self.SYMMETRY_TOL * scale:
+            raise ValueError(f"curvature tensor {key!r} is not symmetric (max |S - S^T| = {asym:.3g} of max |S| = "
+                             f"{scale:.3g}); a covariance factor must be")
+        if bool((diag < -self.SYMMETRY_TOL * scale).any()):
+            raise ValueError(f"curvature tensor {key!r} has a negative diagonal entry ({float(diag.min()):.3g}); "
+                             "a covariance factor is positive semi-definite")
+        if asym:
+            if self.is_packed(key):
+                mirror_diagonal_tiles_(t, self.dim(key), self.tile)
+            else:
+                t.copy_(mirror_upper(t))
+
     def check_model(self, layers: dict[str, tuple[int, int, int, float]]) -> None:
         """Raise if ``layers`` (name -> (in, out, rank, scaling)) is not the adapter set estimated."""
         mine, theirs = set(self.adapters), set(layers)
@@ -353,49 +438,18 @@ class LoRACurvature:
         return total / count if count else 0.0
 
     # ---- files --------------------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Write factors, anchors and metadata to one safetensors file."""
-        meta = {"variant": self.variant, "fisher": self.fisher, "mc_samples": self.mc_samples,
-                "num_tokens": self.num_tokens, "adapter_name": self.adapter_name,
-                "model_type": self.model_type, "norm_constant": self.norm_constant,
-                "version": self.version, "layout": self.layout, "tile": self.tile,
-                "adapters": {k: asdict(v) for k, v in self.adapters.items()}}
-        save_file({k: t.detach().contiguous().cpu() for k, t in self.tensors.items()}, path,
-                  metadata={"lalora": json.dumps(meta)})
+    def save(self, path) -> None:
+        """Write factors, anchors and metadata to one safetensors file, atomically (``curvature_file``)."""
+        curvature_file.save(self, path)
 
     @classmethod
-    def load(cls, path: str, device="cpu", adapters=None, layout: Optional[str] = None,
-             tile: int = TILE) -> "LoRACurvature":
-        """Read a file written by ``save``; ``device`` is where the tensors go. ``adapters``: load
-        only these adapters' tensors (a rank's share under ``shard_factors``). ``layout``: convert
-        to 'packed' (tile ``tile``) or 'dense' storage; None keeps the file's layout."""
-        from safetensors import safe_open
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            raw = (f.metadata() or {}).get("lalora")
-            if raw is None:
-                raise ValueError(f"{path!r} is not a LoRACurvature file (no 'lalora' metadata); "
-                                 "write it with LoRACurvature.save")
-            meta = json.loads(raw)
-            if meta.get("layout", "dense") not in LAYOUTS:
-                raise ValueError(f"{path!r} uses layout {meta['layout']!r}; this version reads {LAYOUTS}")
-            known = set(inspect.signature(cls.__init__).parameters) - {"self", "adapters", "tensors"}
-            extra = sorted(set(meta) - known - {"adapters"})
-            if extra:
-                raise ValueError(f"{path!r} was written by lalora_kernels {meta.get('version', '?')} with fields "
-                                 f"{extra} that this version ({__version__}) does not know; upgrade lalora_kernels")
-            infos = {k: AdapterInfo(**v) for k, v in meta.pop("adapters").items()}
-            unknown = [n for n in (adapters or ()) if n not in infos]
-            if unknown:
-                raise ValueError(f"adapters {unknown[:3]} are not in {path!r}, which holds {len(infos)} adapters "
-                                 f"(e.g. {sorted(infos)[:3]})")
-            if adapters is None:
-                tensors = load_file(path, device=str(device))
-            else:
-                infos = {n: infos[n] for n in adapters}
-                present = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in adapter_tensor_keys(infos, infos) if k in present}
-        curv = cls(adapters=infos, tensors=tensors, **meta)
-        return curv if layout is None else curv.to_layout(layout, tile)
+    def load(cls, path, device="cpu", adapters=None, layout: Optional[str] = None,
+             tile: Optional[int] = None) -> "LoRACurvature":
+        """Read a file written by ``save``, checking every field and tensor (``curvature_file``);
+        ``device`` is where the tensors go. ``adapters``: load only these adapters' tensors (a rank's
+        share under ``shard_factors``). ``layout``: convert to 'packed' (tile ``tile``) or 'dense'
+        storage; None keeps the file's layout."""
+        return curvature_file.load(cls, path, device, adapters, layout, tile)
 
     def __repr__(self) -> str:
         return (f"LoRACurvature(variant={self.variant!r}, fisher={self.fisher!r}, adapters="

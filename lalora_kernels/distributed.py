@@ -8,6 +8,7 @@ different orders over three or more ranks).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -51,6 +52,43 @@ def _unpack(t: torch.Tensor, key: str, flat: torch.Tensor) -> None:
         t.copy_(flat.view_as(t))
 
 
+def fingerprint(sums: dict[str, torch.Tensor], anchors: list[torch.Tensor], **fields) -> dict:
+    """What every rank must share before its sums can be added: the accumulators' keys, shapes and
+    dtype, a digest of the anchors (the LoRA weights the curvature is about), and ``fields``."""
+    digest = hashlib.sha256()
+    for t in anchors:
+        digest.update(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return {**fields, "factors": sorted((k, tuple(t.shape), str(t.dtype)) for k, t in sums.items()),
+            "anchors": f"{len(anchors)} tensors, sha256 {digest.hexdigest()[:16]}"}
+
+
+def agree(error: Optional[BaseException], mine: Optional[dict]) -> None:
+    """Before the first reduction, one small all-gather: every rank learns whether every other one
+    got this far and holds the same ``fingerprint``. On a failure or a mismatch every rank raises (the
+    failing rank its own error), so that none is left waiting in a reduction the others never reach.
+    Outside torch.distributed it only re-raises ``error``."""
+    rank, size = world()
+    if size > 1:
+        everyone: list = [None] * size
+        dist.all_gather_object(everyone, {"error": None if error is None else f"{type(error).__name__}: {error}",
+                                          "fingerprint": mine})
+        failed = {r: e["error"] for r, e in enumerate(everyone) if e["error"] is not None}
+        if failed and error is None:
+            raise RuntimeError(f"estimate_curvature failed on rank(s) {sorted(failed)} ({failed}); every rank stops "
+                               "instead of waiting for it in the factor reduction")
+        if not failed:
+            ref = everyone[0]["fingerprint"]
+            for r, e in enumerate(everyone[1:], 1):
+                diff = sorted(k for k in ref if ref[k] != e["fingerprint"].get(k))
+                if diff:
+                    raise RuntimeError(f"ranks 0 and {r} estimate different curvatures: {', '.join(diff)} differ "
+                                       f"(rank 0: {[ref[k] for k in diff]}, rank {r}: "
+                                       f"{[e['fingerprint'][k] for k in diff]}); every rank must hold the same model, "
+                                       "LoRA weights (the anchors), dtype and estimate_curvature arguments")
+    if error is not None:
+        raise error
+
+
 def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int, packed: Optional[dict[str, int]] = None,
                     tile: int = 0) -> int:
     """Sum every rank's accumulators in place and return the total token count. ``packed`` maps
@@ -59,11 +97,6 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int, packed: Opti
     if size == 1:
         return num_tokens
     keys = sorted(sums)
-    names = [None] * size
-    dist.all_gather_object(names, [(k, tuple(sums[k].shape)) for k in keys])
-    if any(n != names[0] for n in names):
-        raise RuntimeError("ranks accumulated different factors; every rank must hold the same model and "
-                           "LoRA config (anchors included) when estimating curvature")
     bucket: list[str] = []
     size_bytes = 0
     for k in keys + [None]:

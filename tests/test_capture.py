@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 from bruteforce import brute_force_kfac
-from conftest import DEV, rel_err
+from conftest import DEV, available_backends, rel_err
 from problems import ALL_PROJ, batches, tiny_llama
 
 from lalora_kernels import DegenerateCurvatureWarning, LaLoRARegularizer, LoRACurvature, estimate_curvature
@@ -293,9 +293,9 @@ def test_tuple_batches_and_max_batches():
 
 # ---- storage and backends ------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["kfac", "tri", "wkfac"])
-def test_estimate_packed_equals_dense_and_files_record_layout(backend, variant, tmp_path):
-    if backend == "triton":
-        pytest.skip("float64 models run the reference on the Triton backend; see the next test")
+@pytest.mark.parametrize("cpu_backend", [b for b in available_backends() if b != "triton"])   # float64 model
+def test_estimate_packed_equals_dense_and_files_record_layout(cpu_backend, variant, tmp_path, monkeypatch):
+    monkeypatch.setenv("LALORA_BACKEND", cpu_backend)
     model = tiny_llama(dtype=torch.float64)
     data = batches(2)
     with warnings.catch_warnings():

@@ -179,3 +179,71 @@ def test_torchrun_example(tmp_path):
     held = [int(h) for h in re.findall(r"factor bytes held (\d+)", out.stdout)]   # ranks' lines may interleave
     assert len(held) == 2 and all(h > 0 for h in held)
     assert "penalty" in out.stdout
+
+
+def _agreement_worker(rank, world, init_file, out_dir):
+    """Ranks that cannot be reduced together (model dtype, anchors, variant) and a rank with no data:
+    every rank raises, none waits; then 3 uneven shards reduce to the single-process curvature."""
+    import json
+
+    from problems import batches, tiny_llama
+
+    from lalora_kernels import estimate_curvature
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    data = batches(n=4, seed=5)
+    scenarios = {
+        "dtype": dict(model=tiny_llama(torch.float32 if rank == 0 else torch.float64), data=data[:1]),
+        "anchors": dict(model=tiny_llama(seed=rank), data=data[:1]),
+        "variant": dict(model=tiny_llama(), data=data[:1], variant="tri" if rank == 0 else "kfac"),
+        "empty": dict(model=tiny_llama(), data=[] if rank == 1 else data[:1]),
+    }
+    out = {}
+    try:
+        for name, s in scenarios.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    estimate_curvature(s["model"], s["data"], variant=s.get("variant", "kfac"), progress=False)
+                out[name] = "no error"
+            except (RuntimeError, ValueError) as exc:
+                out[name] = f"{type(exc).__name__}: {exc}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            curv = estimate_curvature(tiny_llama(), data[rank::world], variant="tri", progress=False, storage="packed")
+        curv.save(os.path.join(out_dir, f"agree-rank{rank}.safetensors"))
+        with open(os.path.join(out_dir, f"agree-rank{rank}.json"), "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_before_reducing_or_all_raise(tmp_path):
+    import json
+    import time
+
+    from lalora_kernels import LoRACurvature
+    world = 3
+    ctx = mp.spawn(_agreement_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.time() + 300
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError("a rank was left waiting")
+    got = [json.loads((tmp_path / f"agree-rank{r}.json").read_text()) for r in range(world)]
+    for r in range(world):
+        assert "dtype differ" in got[r]["dtype"] or "dtype, factors differ" in got[r]["dtype"], got[r]["dtype"]
+        assert "anchors differ" in got[r]["anchors"], got[r]["anchors"]
+        assert "variant differ" in got[r]["variant"] or "factors, variant differ" in got[r]["variant"], got[r]
+    assert got[1]["empty"].startswith("ValueError: batches is empty")
+    for r in (0, 2):
+        assert "failed on rank(s) [1]" in got[r]["empty"], got[r]["empty"]
+    single = _single("tri", "empirical")
+    ranks = [LoRACurvature.load(str(tmp_path / f"agree-rank{r}.safetensors")) for r in range(world)]
+    for k in single.tensors:
+        torch.testing.assert_close(ranks[0].dense(k), single.dense(k), rtol=1e-12, atol=1e-14)
+        assert all(torch.equal(ranks[0].tensors[k], c.tensors[k]) for c in ranks[1:])
+        if k.startswith(("Sx/", "Sg/")):     # a 3-rank reduction, mirrored: exactly symmetric
+            S = ranks[0].dense(k)
+            assert torch.equal(S, S.T)

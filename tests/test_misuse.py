@@ -190,3 +190,43 @@ def test_from_tensors_skips_the_factors_of_zero_blocks(variant):
     assert given.norm_constant == lean.norm_constant and given.memory_bytes() == lean.memory_bytes()
     values = [LaplacePenalty(c, 1.0)(p["A"], p["B"]) for c in (lean, given)]
     torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=0)
+
+
+def test_asymmetric_factors_from_tensors():
+    """A caller's factor that is symmetric only to rounding (a GEMM's X.T @ X) is mirrored from its
+    upper triangle, so dense and packed storage agree exactly; a clearly asymmetric one is refused."""
+    from problems import SX_INDEX, penalty_problem
+    p = penalty_problem(zero_b=())
+    X = torch.randn(50, 7, dtype=torch.float64)
+    rounding = X.T @ X / 50
+    rounding[0, 1] += 1e-7                           # a BLAS's rounding in one triangle, exaggerated
+    Sx = [rounding] + p["Sx"][1:]
+    kw = dict(variant="wkfac", scaling=p["scaling"], Sx=Sx, sx_index=SX_INDEX, Sg=p["Sg"])
+    dense = LoRACurvature.from_tensors(p["A0"], p["B0"], **kw)
+    packed = LoRACurvature.from_tensors(p["A0"], p["B0"], **kw).to_layout("packed", 8)
+    assert torch.equal(dense.dense("Sx/input0"), packed.dense("Sx/input0"))
+    vd = LaplacePenalty(dense, lam=1.0)(p["A"], p["B"])
+    vp = LaplacePenalty(packed, lam=1.0)(p["A"], p["B"])
+    torch.testing.assert_close(vd, vp, rtol=1e-12, atol=0)
+    bad = [torch.randn(7, 7, dtype=torch.float64)] + p["Sx"][1:]
+    with pytest.raises(ValueError, match=r"Sx\[0\] is not symmetric"):
+        LoRACurvature.from_tensors(p["A0"], p["B0"], **dict(kw, Sx=bad))
+
+
+@pytest.mark.parametrize("batch,match", [
+    ({"input_ids": torch.tensor([[1, 2, 99]]), "labels": torch.tensor([[1, 2, 99]])}, "embedding has 37 rows"),
+    ({"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+      "labels": torch.ones(2, 5, dtype=torch.long)}, r"attention_mask has shape \(2, 4\)"),
+    ({"input_ids": torch.ones(2, 0, dtype=torch.long), "labels": torch.ones(2, 0, dtype=torch.long)},
+     "at least one sequence of at least one token"),
+    ({"input_ids": torch.ones(0, 5, dtype=torch.long), "labels": torch.ones(0, 5, dtype=torch.long)},
+     "at least one sequence"),
+])
+def test_capture_refuses_malformed_batches(batch, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_curvature(tiny_llama(), [batch], progress=False)
+
+
+def test_capture_refuses_an_overflowing_tile():
+    with pytest.raises(ValueError, match="tile=4294967296 must be a power of two from 1 to 64"):
+        estimate_curvature(tiny_llama(), batches(1), progress=False, storage="packed", tile=2**32)

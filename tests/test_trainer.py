@@ -68,6 +68,19 @@ def test_resume_restores_the_curvature(tmp_path):
     assert torch.equal(second.lalora_curvature.tensors[key].cpu(), restored.tensors[key])
 
 
+def test_resume_without_the_curvature_file_is_an_error(tmp_path):
+    first = _trainer(tmp_path)
+    first.train()
+    ckpt = str(tmp_path / "run" / "checkpoint-2")
+    os.remove(os.path.join(ckpt, CURVATURE_FILE))
+    with pytest.raises(FileNotFoundError, match="holds no lalora_curvature.safetensors.*allow_missing_curvature"):
+        _trainer(tmp_path).train(resume_from_checkpoint=ckpt)
+    kept = _trainer(tmp_path, lalora_allow_missing_curvature=True)
+    before = kept.lalora_curvature
+    kept.train(resume_from_checkpoint=ckpt)
+    assert kept.lalora_curvature is before
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_penalty_added_once_per_optimizer_step(tmp_path, steps):
     trainer = _trainer(tmp_path, args={"gradient_accumulation_steps": steps})

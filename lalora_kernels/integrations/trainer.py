@@ -40,7 +40,8 @@ class LaLoRATrainerMixin:
                  lalora_source: Optional[Iterable] = None, lalora_lam: float = 1.0,
                  lalora_prior_precision: float = 0.0, lalora_normalize: Optional[str] = "mean_diag",
                  lalora_variant: str = "kfac", lalora_fisher: str = "empirical",
-                 lalora_max_batches: Optional[int] = 8, lalora_shard_factors: bool = False, **kwargs):
+                 lalora_max_batches: Optional[int] = 8, lalora_shard_factors: bool = False,
+                 lalora_allow_missing_curvature: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if lalora_curvature is None:
             if lalora_source is None:
@@ -54,6 +55,7 @@ class LaLoRATrainerMixin:
                                 normalize=lalora_normalize, shard_factors=lalora_shard_factors)
         self._lalora_set(lalora_curvature)
         self._lalora_sums = {"lalora_penalty": 0.0, "task_loss": 0.0, "n": 0}
+        self._lalora_allow_missing = lalora_allow_missing_curvature
 
     def _lalora_batches(self, source):
         """A map-style dataset becomes batches the way Trainer makes the train set's: columns the
@@ -117,6 +119,11 @@ class LaLoRATrainerMixin:
         path = os.path.join(resume_from_checkpoint, CURVATURE_FILE)
         if os.path.exists(path):
             self._lalora_set(LoRACurvature.load(path, device=self.args.device))
+        elif not self._lalora_allow_missing:
+            raise FileNotFoundError(
+                f"resuming from {resume_from_checkpoint!r}, which holds no {CURVATURE_FILE}: the run would go on "
+                "with the curvature this trainer was built with, not the one it was trained against. Restore the "
+                "file, or pass lalora_allow_missing_curvature=True to keep the trainer's curvature")
 
 
 def make_lalora_trainer(base):

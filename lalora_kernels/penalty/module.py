@@ -72,6 +72,10 @@ class LaplacePenalty(nn.Module):
         self._device = curvature.get("A0", self.names[0]).device
         s2 = {n: (1.0 if self.variant == "diag" else a.scaling ** 2) for n, a in curvature.adapters.items()}
         self._coef = {n: self.lam * s2[n] / c for n in self.names}
+        worst = max(self._coef.values(), default=0.0)
+        if not math.isfinite(worst):
+            raise ValueError(f"lam={lam!r} times the scaling^2 over the curvature's normalisation {c!r} is not finite "
+                             f"({worst!r}): use a smaller lam, or normalize=None")
         self.anchor_A = self._flat([curvature.get("A0", n) for n in self.names])
         self.anchor_B = self._flat([curvature.get("B0", n) for n in self.names])
         self.diag_classes: list[arena.DiagClass] = []
@@ -82,6 +86,10 @@ class LaplacePenalty(nn.Module):
             self._build_diag(curvature)
         else:
             self._build_kron(curvature)
+        weighted = ([self.quad_C] if hasattr(self, "quad_C") else []) + [c.F for c in self.diag_classes]
+        if any(not bool(torch.isfinite(t).all()) for t in weighted):
+            raise ValueError(f"lam={lam!r} times the curvature overflows {self._dtype}: use a smaller lam, or "
+                             "normalize='mean_diag'")
 
     # ---- construction -------------------------------------------------------------------------
     def _cast(self, t: Tensor) -> Tensor:

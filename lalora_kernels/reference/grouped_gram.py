@@ -98,6 +98,8 @@ def grouped_gram(D: torch.Tensor, arena: torch.Tensor, classes: Sequence[int], t
     views = zip(class_views(D, classes, "D"), class_views(arena, classes, "S", tile), class_views(G, classes, "G"),
                 class_views(Q, classes, "D"))
     for Dc, Sc, Gc, Qc in views:
+        if Dc.shape[0] == 0:        # an empty class: its (no) outputs stay 0
+            continue
         g, q = packed_sym_gram(Dc, Sc, Dc.shape[2], tile) if tile else sym_gram(Dc, Sc)
         Gc.copy_(g)
         Qc.copy_(q)

@@ -41,9 +41,12 @@ def tile_row_start(I: int, nt: int) -> int:
     return I * nt - I * (I - 1) // 2
 
 
+MAX_TILE = 64      # the C++ kernels hold one 64 x 64 tile on the stack
+
+
 def check_tile(tile: int) -> None:
-    if not (isinstance(tile, int) and tile >= 1 and tile & (tile - 1) == 0):
-        raise ValueError(f"tile={tile!r} must be a power of two (the packed layout's T)")
+    if not (isinstance(tile, int) and not isinstance(tile, bool) and 1 <= tile <= MAX_TILE and tile & (tile - 1) == 0):
+        raise ValueError(f"tile={tile!r} must be a power of two from 1 to {MAX_TILE} (the packed layout's T)")
 
 
 def _tiles(P: torch.Tensor, n: int, tile: int) -> torch.Tensor:
