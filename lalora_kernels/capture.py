@@ -12,19 +12,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from collections.abc import Mapping
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops as lalora_ops
 from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_layout, check_variant
 from .distributed import agree, all_reduce_sums, fingerprint, rank_generator
-from .lora_layers import LoRALayerRef, find_lora_layers
 from .gram_meta import GramMeta
+from .lora_layers import LoRALayerRef, UncoveredParametersWarning, find_lora_layers, uncovered_trainable
+from .proxy_loss import Prepared, ProxyLoss
 from .reference.packed_format import TILE, check_tile, packed_numel
 
 ops = torch.ops.lalora
@@ -32,33 +31,6 @@ ops = torch.ops.lalora
 
 class DegenerateCurvatureWarning(UserWarning):
     """The anchors make part of the curvature exactly zero (SPEC section 5)."""
-
-
-def _unpack(batch, device, vocab: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    if isinstance(batch, Mapping):          # dict, or transformers' BatchEncoding
-        if "input_ids" not in batch:
-            raise ValueError(f"a batch dict must hold 'input_ids' (got keys {sorted(batch)})")
-        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        (ids, labels), mask = batch, None
-    else:
-        raise ValueError("each batch must be a dict with 'input_ids', 'attention_mask', 'labels' or a "
-                         f"tuple (input_ids, labels); got {type(batch).__name__}")
-    ids = ids.to(device)
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ValueError(f"input_ids has shape {tuple(ids.shape)}: a batch needs at least one sequence of at least "
-                         "one token")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
-    if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-        raise ValueError(f"input_ids holds token ids from {int(ids.min())} to {int(ids.max())} but the model's "
-                         f"embedding has {vocab} rows: tokenize with the model's own tokenizer")
-    for name, t in (("attention_mask", mask), ("labels", labels)):
-        if t is not None and tuple(t.shape) != tuple(ids.shape):
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}; they must match")
-    return ids, None if mask is None else mask.to(device), None if labels is None else labels.to(device)
 
 
 class _Plan:
@@ -85,18 +57,19 @@ class _Plan:
 class _Capture:
     """Hooks, accumulators and the model state they must leave untouched."""
 
-    def __init__(self, model: nn.Module, refs: list[LoRALayerRef], variant: str, storage: str, tile: int):
-        self.model, self.refs, self.variant = model, refs, variant
+    def __init__(self, model: nn.Module, refs: list[LoRALayerRef], variant: str, storage: str, tile: int,
+                 loss: ProxyLoss):
+        self.model, self.refs, self.variant, self.loss = model, refs, variant, loss
         self.tile = tile if storage == "packed" else 0
         p = refs[0].A
         self.dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         self.device = p.device
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        self.vocab = getattr(emb, "num_embeddings", None)
         self.sums: dict[str, torch.Tensor] = {}
+        self.stream_of_key: dict[str, str] = {}          # which tokens each sum is a mean over
+        self.tokens: dict[str, int] = {}                 # valid tokens seen, per stream
         self.plan: Optional[_Plan] = None
         self.seen: list[tuple[str, torch.Tensor]] = []   # first forward: (name, x) for dedup
-        self.valid: Optional[torch.Tensor] = None
+        self.batch: Optional[Prepared] = None
         self.sample, self.sample_weight = 0, 1.0
         self.handles = []
 
@@ -141,46 +114,50 @@ class _Capture:
                 output.register_hook(lambda g: self._accumulate(ref, x, g))
         return hook
 
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+    def _rows(self, ref: LoRALayerRef, t: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The layer's valid token rows and the stream they belong to."""
         t = t.reshape(-1, t.shape[-1])
-        if t.shape[0] != self.valid.numel():
-            raise RuntimeError(f"a LoRA layer saw {t.shape[0]} tokens but the batch has "
-                               f"{self.valid.numel()}; sequence packing inside the model is not supported")
-        return t[self.valid]
+        stream = self.loss.stream_of(ref.name, t.shape[0], self.batch.streams)
+        return t[self.batch.streams[stream]], stream
 
-    def _acc(self, key: str, shape) -> torch.Tensor:
+    def _acc(self, key: str, shape, stream: str) -> torch.Tensor:
         if key not in self.sums:
             self.sums[key] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.stream_of_key[key] = stream
+        elif self.stream_of_key[key] != stream:
+            raise RuntimeError(f"{key} summed tokens of the {self.stream_of_key[key]} and then of the {stream}; "
+                               "a LoRA layer must see the same stream in every batch")
         return self.sums[key]
 
-    def _cov(self, key: str, n: int, rows: torch.Tensor, weight: float) -> None:
+    def _cov(self, key: str, n: int, rows: torch.Tensor, weight: float, stream: str) -> None:
         """Sx/Sg += weight * rows^T rows, dense or tile-packed."""
         if self.tile:
-            ops.packed_cov_update_(self._acc(key, (packed_numel(n, self.tile),)), rows, None, weight, self.tile)
+            ops.packed_cov_update_(self._acc(key, (packed_numel(n, self.tile),), stream), rows, None, weight,
+                                   self.tile)
         else:
-            ops.cov_update_(self._acc(key, (n, n)), rows, None, weight)
+            ops.cov_update_(self._acc(key, (n, n), stream), rows, None, weight)
 
     def _accumulate(self, ref: LoRALayerRef, x: torch.Tensor, g: torch.Tensor) -> None:
         plan, n = self.plan, ref.name
         w, first = self.sample_weight, self.sample == 0
         # rows stay in the model's dtype for the big covariances (bf16 in, fp32 accumulate); the
         # r-column projections are formed in the accumulator's dtype
-        X, G = self._rows(x.detach()), self._rows(g)
+        (X, stream), (G, _) = self._rows(ref, x.detach()), self._rows(ref, g)
         A0, B0 = plan.A0[n].to(self.dtype), plan.B0[n].to(self.dtype)
         i, o, r, s = ref.shape
         if n in plan.leaders and plan.group_needs_sx[n] and first:
-            self._cov(f"Sx/{n}", i, X, 1.0)
+            self._cov(f"Sx/{n}", i, X, 1.0, stream)
         if plan.need_sg[n]:
-            self._cov(f"Sg/{n}", o, G, w)
+            self._cov(f"Sg/{n}", o, G, w, stream)
         if self.variant in ("kfac", "tri"):
             if plan.need_sg[n] and first:       # Caa = cov(A* x): the B block's input factor
-                ops.cov_update_(self._acc(f"Caa/{n}", (r, r)), X.to(self.dtype) @ A0.T, None, 1.0)
+                ops.cov_update_(self._acc(f"Caa/{n}", (r, r), stream), X.to(self.dtype) @ A0.T, None, 1.0)
             if plan.need_sx[n]:                 # Cbb = cov(B*^T g): the A block's gradient factor
-                ops.cov_update_(self._acc(f"Cbb/{n}", (r, r)), G.to(self.dtype) @ B0, None, w)
+                ops.cov_update_(self._acc(f"Cbb/{n}", (r, r), stream), G.to(self.dtype) @ B0, None, w)
         if plan.need_fa[n]:
-            ops.sqcov_update_(self._acc(f"FA/{n}", (r, i)), G.to(self.dtype) @ B0, X, None, w * s * s)
+            ops.sqcov_update_(self._acc(f"FA/{n}", (r, i), stream), G.to(self.dtype) @ B0, X, None, w * s * s)
         if plan.need_fb[n]:
-            ops.sqcov_update_(self._acc(f"FB/{n}", (o, r)), G, X.to(self.dtype) @ A0.T, None, w * s * s)
+            ops.sqcov_update_(self._acc(f"FB/{n}", (o, r), stream), G, X.to(self.dtype) @ A0.T, None, w * s * s)
 
     def _groups_from_first_forward(self) -> dict[str, str]:
         groups: dict[str, str] = {}
@@ -201,36 +178,19 @@ class _Capture:
         return groups
 
     # -- one batch ------------------------------------------------------------------------------
-    def run_batch(self, batch, fisher: str, mc_samples: int, generator) -> int:
-        ids, mask, labels = _unpack(batch, self.device, self.vocab)
-        if labels is None and fisher == "empirical":
-            raise ValueError("fisher='empirical' needs labels: give batches with 'labels' (-100 where no "
-                             "loss) or (input_ids, labels) tuples, or use fisher='mc'")
-        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        self.valid = valid.reshape(-1)
-        kwargs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
-        logits = self.model(**kwargs, use_cache=False).logits[:, :-1].float()
+    def run_batch(self, batch, fisher: str, mc_samples: int, generator) -> None:
+        self.batch = p = self.loss.prepare(batch, self.device)
+        output = self.model(**p.kwargs)
         if self.plan is None:
             self.plan = _Plan(self.variant, self.refs, self._groups_from_first_forward(), self.dtype)
-        if labels is not None:
-            target = labels[:, 1:]
-        else:                                   # mc without labels: every valid next token
-            target = torch.where(valid[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
-        if fisher == "empirical":
-            self.sample, self.sample_weight = 0, 1.0
-            F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
-                            reduction="sum").backward()
-        else:
-            probs = logits.softmax(-1)
-            live = (target != -100).unsqueeze(-1)
-            for k in range(mc_samples):
-                self.sample, self.sample_weight = k, 1.0 / mc_samples
-                y = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(target.shape)
-                dlogits = (probs - F.one_hot(y, probs.shape[-1]).to(probs.dtype)) * live
-                logits.backward(dlogits, retain_graph=k < mc_samples - 1)
+
+        def on_sample(k: int, weight: float) -> None:
+            self.sample, self.sample_weight = k, weight
+        self.loss.backward(output, p, fisher, mc_samples, generator, on_sample)
         for r in self.refs:
             r.A.grad, r.B.grad = None, None
-        return int(valid.sum())
+        for stream, mask in p.streams.items():
+            self.tokens[stream] = self.tokens.get(stream, 0) + int(mask.sum())
 
     def packed_dims(self) -> dict[str, int]:
         """n of every tile-packed accumulator."""
@@ -241,11 +201,15 @@ class _Capture:
                 for k in self.sums if k.startswith(("Sx/", "Sg/"))}
 
     # -- result ---------------------------------------------------------------------------------
-    def result(self, fisher: str, mc_samples: int, num_tokens: int) -> LoRACurvature:
+    def result(self, fisher: str, mc_samples: int) -> LoRACurvature:
         plan = self.plan
         tensors: dict[str, torch.Tensor] = {}
         for key, t in self.sums.items():
-            tensors[key] = t.div_(num_tokens)
+            tokens = self.tokens[self.stream_of_key[key]]
+            if tokens == 0:
+                raise ValueError(f"every {self.stream_of_key[key]} token of every batch is masked out "
+                                 "(attention masks all 0)")
+            tensors[key] = t.div_(tokens)
         adapters = {}
         for r in self.refs:
             n = r.name
@@ -259,7 +223,7 @@ class _Capture:
                 tensors[f"Kb/{n}"] = _sym_product(plan.B0[n].to(self.dtype).T, Sg, o, self.tile).T
         model_type = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
         return LoRACurvature(variant=self.variant, fisher=fisher, mc_samples=mc_samples,
-                             num_tokens=num_tokens, adapter_name=self.refs[0].adapter,
+                             num_tokens=self.tokens["encoder"], adapter_name=self.refs[0].adapter,
                              model_type=str(model_type), adapters=adapters, tensors=tensors,
                              layout="packed" if self.tile else "dense", tile=self.tile or TILE)
 
@@ -285,18 +249,22 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
                        fisher: str = "empirical", mc_samples: int = 1,
                        max_batches: Optional[int] = None, progress: bool = True,
                        generator: Optional[torch.Generator] = None, storage: Optional[str] = None,
-                       tile: int = TILE) -> LoRACurvature:
+                       tile: int = TILE, loss_fn: Optional[Callable] = None) -> LoRACurvature:
     """Laplace curvature of the active LoRA adapter of a peft model from proxy (source) batches.
 
-    model: a peft model with LoRA on ``nn.Linear`` layers. batches: iterable of HF-style dicts
-    (``input_ids``, optional ``attention_mask``, ``labels`` with -100 where no loss) or
+    model: a peft model with LoRA on linear layers (``nn.Linear``, or GPT-2's ``Conv1D``): a causal
+    LM, a seq2seq LM, or a sequence or token classifier (``proxy_loss``). batches: iterable of dicts
+    of model inputs (``input_ids``, ``attention_mask``, ``labels`` with -100 where no loss, and
+    whatever else the model's forward takes, e.g. ``position_ids`` of packed batches) or
     ``(input_ids, labels)`` tuples. variant: 'diag' | 'kfac' | 'tri' | 'wkfac'. fisher:
     'empirical' (data labels) or 'mc' (labels drawn from the model, ``mc_samples`` draws per
-    position, ``generator`` seeds them). The anchors are the LoRA weights at call time. The model's
-    train/eval mode, gradients and requires_grad flags are restored afterwards, also on error.
-    Under torch.distributed, each rank passes its own shard of the data: the factor sums and token
-    counts are added across ranks once at the end (every rank gets the same curvature), and MC
-    labels are drawn from a per-rank generator.
+    position, ``generator`` seeds them). loss_fn(output, batch): the summed loss to differentiate
+    instead of the family's own (empirical only). The anchors are the LoRA weights at call time.
+    The model's train/eval mode, gradients and requires_grad flags are restored afterwards, also on
+    error. Under torch.distributed, each rank passes its own shard of the data: the ranks first
+    agree that they hold the same model and arguments, then the factor sums and token counts are
+    added once at the end (every rank gets the same curvature); MC labels come from per-rank
+    generators.
     storage: 'packed' (Sx/Sg as upper T x T tiles, ``tile`` = T, about half the memory) or 'dense';
     None picks 'packed' where packed kernels run natively (C++ on CPU, Triton on CUDA), see
     ``lalora_kernels.backends()``.
@@ -319,8 +287,8 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
                          "the proxy passes would not reach them; estimate with the adapters enabled")
     storage = lalora_ops.default_storage(refs[0].A.device) if storage is None else storage
     check_layout(storage)
-    cap = _Capture(model, refs, variant, storage, tile)
-    num_tokens = nb = 0
+    cap = _Capture(model, refs, variant, storage, tile, ProxyLoss(model, loss_fn))
+    nb = 0
     it = batches if max_batches is None else itertools.islice(batches, max_batches)
     generator = rank_generator(generator, cap.device) if fisher == "mc" else generator
     error = None
@@ -328,7 +296,7 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
         with cap.attached(), torch.enable_grad():        # also when called under torch.no_grad()
             for batch in tqdm(it, desc=f"lalora curvature ({variant})", disable=not progress,
                               total=max_batches, unit="batch"):
-                num_tokens += cap.run_batch(batch, fisher, mc_samples, generator)
+                cap.run_batch(batch, fisher, mc_samples, generator)
                 nb += 1
         if nb == 0:
             raise ValueError("batches is empty: pass at least one batch of source (proxy) data")
@@ -336,10 +304,15 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
         error = exc
     agree(error, None if error else fingerprint(
         cap.sums, [t for r in cap.refs for t in (cap.plan.A0[r.name], cap.plan.B0[r.name])], variant=variant,
-        fisher=fisher, mc_samples=mc_samples, storage=storage, tile=cap.tile, dtype=str(cap.dtype)))
-    num_tokens = all_reduce_sums(cap.sums, num_tokens, cap.packed_dims(), cap.tile)   # no-op outside torch.distributed
-    if num_tokens == 0:
-        raise ValueError("every token of every batch is masked out (attention_mask all 0)")
+        fisher=fisher, mc_samples=mc_samples, storage=storage, tile=cap.tile, dtype=str(cap.dtype),
+        streams=sorted(cap.tokens)))
+    cap.tokens = all_reduce_sums(cap.sums, cap.tokens, cap.packed_dims(), cap.tile)   # no-op outside distributed
     if cap.plan.degenerate:
         _warn_degenerate(variant, cap.plan.degenerate, len(refs))
-    return cap.result(fisher, mc_samples, num_tokens)
+    others = uncovered_trainable(model, refs)
+    if others:
+        warnings.warn(f"{len(others)} trainable tensors are not LoRA A/B weights, so the curvature does not cover "
+                      f"them and the penalty leaves them free: {others[:6]}{' ...' if len(others) > 6 else ''}. "
+                      "Freeze them (no modules_to_save, lora_bias=False) or regularise them yourself.",
+                      UncoveredParametersWarning, stacklevel=2)
+    return cap.result(fisher, mc_samples)

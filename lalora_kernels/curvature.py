@@ -112,8 +112,10 @@ class LoRACurvature:
 
     @classmethod
     def from_tensors(cls, A_star, B_star, *, variant: str, scaling, Sx=(), sx_index=None, Sg=None,
-                     Caa=None, Cbb=None, FA=None, FB=None, num_tokens: int = 0) -> "LoRACurvature":
-        """A curvature from plain per-adapter tensors (see ``fused_laplace_penalty``)."""
+                     Caa=None, Cbb=None, FA=None, FB=None, num_tokens: int = 0,
+                     adapter_name: str = "default") -> "LoRACurvature":
+        """A curvature from plain per-adapter tensors (see ``fused_laplace_penalty``); ``adapter_name``:
+        the peft adapter it is for (``LaLoRARegularizer`` refuses any other)."""
         check_variant(variant)
         n = len(A_star)
         for arg, val in (("B_star", B_star), ("scaling", scaling)):
@@ -175,7 +177,7 @@ class LoRACurvature:
         if len(devices) > 1:
             raise ValueError(f"factors and anchors are on several devices {devices}; move them to one")
         curv = cls(variant=variant, fisher="empirical", mc_samples=1, num_tokens=num_tokens,
-                   adapter_name="default", model_type="external", adapters=adapters, tensors=tensors)
+                   adapter_name=adapter_name, model_type="external", adapters=adapters, tensors=tensors)
         curv.validate()
         return curv
 

@@ -89,13 +89,13 @@ def agree(error: Optional[BaseException], mine: Optional[dict]) -> None:
         raise error
 
 
-def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int, packed: Optional[dict[str, int]] = None,
-                    tile: int = 0) -> int:
-    """Sum every rank's accumulators in place and return the total token count. ``packed`` maps
-    the keys of tile-packed factors (tile ``tile``) to their n."""
+def all_reduce_sums(sums: dict[str, torch.Tensor], tokens: dict[str, int], packed: Optional[dict[str, int]] = None,
+                    tile: int = 0) -> dict[str, int]:
+    """Sum every rank's accumulators in place and return the total token count per stream.
+    ``packed`` maps the keys of tile-packed factors (tile ``tile``) to their n."""
     rank, size = world()
     if size == 1:
-        return num_tokens
+        return tokens
     keys = sorted(sums)
     bucket: list[str] = []
     size_bytes = 0
@@ -114,11 +114,12 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], num_tokens: int, packed: Opti
             bucket, size_bytes = [], 0
     for key, n in (packed or {}).items():
         mirror_diagonal_tiles_(sums[key], n, tile)
-    count = torch.tensor([num_tokens], dtype=torch.int64)
+    streams = sorted(tokens)
+    count = torch.tensor([tokens[s] for s in streams], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         count = count.cuda()
     dist.all_reduce(count)
-    return int(count.item())
+    return dict(zip(streams, (int(c) for c in count.tolist())))
 
 
 def shard_adapters(adapters: dict, variant: str, size: int) -> list[list[str]]:

@@ -49,24 +49,48 @@ class LoRALayerRef:
         return i, self.B.shape[0], r, self.scaling
 
 
+class UncoveredParametersWarning(UserWarning):
+    """Trainable tensors outside LoRA's A and B (``modules_to_save``, LoRA biases) get no penalty."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP's (``module``) and torch.compile's (``_orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) if type(model).__name__ == "DistributedDataParallel" else \
+            getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _linear_base(module: nn.Module) -> bool:
+    """peft's LoRA runs the same math on ``nn.Linear`` and on GPT-2's ``Conv1D`` (transposed weight,
+    ``fan_in_fan_out=True``): lora_A and lora_B are plain Linears either way."""
+    base = module.get_base_layer()
+    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+
+
 def find_lora_layers(model: nn.Module) -> list[LoRALayerRef]:
-    """Every peft LoRA layer on an ``nn.Linear``, with its single active adapter, in module order."""
+    """Every peft LoRA layer that runs the model's active adapter, in module order. Layers without
+    that adapter (another adapter covers other modules) are not part of it."""
     from peft.tuners.lora import LoraLayer
 
-    refs = []
+    model = unwrap(model)
+    refs, actives = [], set()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        while name.startswith("_orig_mod."):      # torch.compile's wrapper: the same module names
-            name = name[len("_orig_mod."):]
-        if not isinstance(module.get_base_layer(), nn.Linear):
-            raise ValueError(f"LoRA layer {name!r} wraps {type(module.get_base_layer()).__name__}; "
-                             "lalora_kernels supports LoRA on nn.Linear only: leave it out of target_modules")
         active = [a for a in module.active_adapters if a in module.lora_A]
-        if len(active) != 1:
-            raise ValueError(f"LoRA layer {name!r} has active adapters {active}; exactly one must be "
-                             "active: call model.set_adapter(name) first")
+        actives.update(module.active_adapters)
+        if not active:
+            continue
+        if len(active) > 1:
+            raise ValueError(f"LoRA layer {name!r} has active adapters {active}; exactly one must be active: "
+                             f"call model.set_adapter(name) first")
         adapter = active[0]
+        if not _linear_base(module):
+            raise ValueError(f"LoRA layer {name!r} wraps {type(module.get_base_layer()).__name__}; lalora_kernels "
+                             "supports LoRA on linear layers (nn.Linear, Conv1D): leave it out of target_modules")
         if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter):
             raise ValueError(f"LoRA layer {name!r} uses a LoRA variant (e.g. DoRA) for adapter "
                              f"{adapter!r}; only plain LoRA (optionally rslora) is supported")
@@ -75,6 +99,20 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayerRef]:
                              "model.unmerge_adapter() before estimating or regularising")
         refs.append(LoRALayerRef(name, module, adapter))
     if not refs:
+        if actives:
+            raise ValueError(f"no LoRA layer holds the active adapter(s) {sorted(actives)}; set an adapter that "
+                             "exists with model.set_adapter(name)")
         raise ValueError("the model has no peft LoRA layers; wrap it with peft.get_peft_model(model, "
                          "LoraConfig(target_modules=[...])) first")
+    names = {r.adapter for r in refs}
+    if len(names) > 1:
+        raise ValueError(f"LoRA layers run different adapters {sorted(names)}; exactly one must be active: call "
+                         "model.set_adapter(name) first")
     return refs
+
+
+def uncovered_trainable(model: nn.Module, refs: list[LoRALayerRef]) -> list[str]:
+    """Names of trainable parameters that are not the A/B weights of ``refs``: what the curvature,
+    and so the penalty, does not cover (LoRA biases, ``modules_to_save``, ...)."""
+    covered = {id(t) for r in refs for t in (r.A, r.B)}
+    return [n for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in covered]

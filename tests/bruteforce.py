@@ -41,3 +41,37 @@ def brute_force_kfac(model, batches):
                 acc.setdefault(name, {}).setdefault(k, 0)
                 acc[name][k] = acc[name][k] + v
     return {n: {k: v / T for k, v in d.items()} for n, d in acc.items()}, T
+
+
+def base_factors(model, batches, loss_of, stream_of):
+    """Sx and Sg of every LoRA layer from scratch (SPEC section 2), for any model family: hooks keep
+    each peft LoRA layer's input x and output h; ``loss_of(model, batch)`` returns the summed loss
+    and the valid-token masks per stream; ``stream_of(name)`` says whose tokens a layer sees.
+    Factors are means over that stream's valid tokens. Returns {name: {"Sx", "Sg"}}."""
+    from peft.tuners.lora import LoraLayer
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    acc, tokens = {}, {}
+    model.eval()
+    for batch in batches:
+        seen, handles = {}, []
+        for name, m in mods.items():
+            def hook(mod, args, out, name=name):
+                out.retain_grad()
+                seen[name] = (args[0], out)
+            handles.append(m.register_forward_hook(hook))
+        loss, masks = loss_of(model, batch)
+        model.zero_grad()
+        loss.backward()
+        for h in handles:
+            h.remove()
+        for s, m in masks.items():
+            tokens[s] = tokens.get(s, 0) + int(m.sum())
+        for name in mods:
+            x, h = seen[name]
+            valid = masks[stream_of(name)].reshape(-1).bool()
+            x = x.detach().reshape(-1, x.shape[-1])[valid].double()
+            g = h.grad.reshape(-1, h.shape[-1])[valid].double()
+            d = acc.setdefault(name, {"Sx": 0, "Sg": 0, "stream": stream_of(name)})
+            d["Sx"] = d["Sx"] + x.T @ x
+            d["Sg"] = d["Sg"] + g.T @ g
+    return {n: {"Sx": d["Sx"] / tokens[d["stream"]], "Sg": d["Sg"] / tokens[d["stream"]]} for n, d in acc.items()}

@@ -64,7 +64,7 @@ def test_empty_batches_no_labels_and_fully_masked():
     with pytest.raises(ValueError, match="must hold 'input_ids'"):
         estimate_curvature(model, [{"ids": b["input_ids"]}], progress=False)
     dead = dict(b, attention_mask=torch.zeros_like(b["attention_mask"]))
-    with pytest.raises(ValueError, match="every token of every batch is masked"):
+    with pytest.raises(ValueError, match="every encoder token of every batch is masked out"):
         estimate_curvature(model, [dead], progress=False)
     # mc without labels is allowed: every valid next token carries a sampled label
     curv = estimate_curvature(model, [{"input_ids": b["input_ids"]}], fisher="mc", progress=False)

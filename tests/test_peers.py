@@ -11,10 +11,35 @@ from lalora_kernels.apps.bench import FlatLogits
 from lalora_kernels.apps.tiny import llama_lora, random_batches
 
 
-@pytest.mark.parametrize("nonzero_b", [0.3, 0.0])
-def test_factors_equal_curvlinops_kfac_over_T(nonzero_b):
-    model = llama_lora(hidden=16, inter=24, layers=1, vocab=11, r=2, nonzero_b=nonzero_b,
-                       targets=("q_proj", "v_proj", "down_proj"), dtype=torch.float64).eval()
+def _gpt2():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=11, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # peft sets fan_in_fan_out=True for Conv1D and says so
+        model = get_peft_model(GPT2LMHeadModel(cfg).double(), LoraConfig(r=2, lora_alpha=4,
+                                                                          target_modules=["c_attn", "c_fc"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+MODELS = {
+    "llama, B* != 0": lambda: llama_lora(hidden=16, inter=24, layers=1, vocab=11, r=2, nonzero_b=0.3,
+                                         targets=("q_proj", "v_proj", "down_proj"), dtype=torch.float64).eval(),
+    "llama, B* = 0": lambda: llama_lora(hidden=16, inter=24, layers=1, vocab=11, r=2, nonzero_b=0.0,
+                                        targets=("q_proj", "v_proj", "down_proj"), dtype=torch.float64).eval(),
+    "gpt2 (Conv1D)": _gpt2,
+}
+
+
+@pytest.mark.parametrize("which", list(MODELS))
+def test_factors_equal_curvlinops_kfac_over_T(which):
+    model = MODELS[which]()
     data = random_batches(2, 2, 5, 11, pad=False)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     op = curvlinops.KFACLinearOperator(

@@ -106,6 +106,33 @@ def test_penalty_added_once_per_optimizer_step(tmp_path, steps):
         assert with_pen - plain == pytest.approx(expected, rel=1e-5)
 
 
+def test_source_in_every_form_a_user_passes(tmp_path):
+    """A map-style dataset, a datasets.Dataset, a list of examples, a DataLoader and a list of ready
+    batches of the same rows give the same curvature (collated by the trainer's collator)."""
+    from datasets import Dataset
+    rows = Rows(8, seed=4)
+    collate = lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]}  # noqa: E731
+    forms = {
+        "dataset": rows,
+        "datasets.Dataset": Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows.rows]),
+        "list of examples": [{k: v.tolist() for k, v in r.items()} for r in rows.rows],
+        "DataLoader": torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=collate),
+        "list of batches": [collate(rows.rows[i:i + 2]) for i in range(0, 8, 2)],
+    }
+    curvs = {}
+    for name, source in forms.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = LaLoRATrainer(model=tiny_llama(torch.float32), args=_args(tmp_path), train_dataset=Rows(16, 3),
+                                    lalora_source=source, lalora_variant="wkfac", lalora_lam=5.0)
+        curvs[name] = trainer.lalora_curvature
+    ref = curvs["dataset"]
+    for name, curv in curvs.items():
+        assert curv.num_tokens == ref.num_tokens == 64, name
+        for k, t in ref.tensors.items():
+            torch.testing.assert_close(curv.tensors[k], t, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_trainer_needs_curvature_or_source(tmp_path):
     with pytest.raises(ValueError, match="lalora_curvature.*lalora_source"):
         LaLoRATrainer(model=tiny_llama(torch.float32), args=_args(tmp_path), train_dataset=Rows(4, 0))

@@ -58,9 +58,19 @@ class LaLoRATrainerMixin:
         self._lalora_allow_missing = lalora_allow_missing_curvature
 
     def _lalora_batches(self, source):
-        """A map-style dataset becomes batches the way Trainer makes the train set's: columns the
-        model's forward does not take are dropped (when ``remove_unused_columns``), then collated."""
-        if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, list):
+        """Batches from what a user passes as ``lalora_source``, made the way Trainer makes the train
+        set's: a ``datasets.Dataset`` or any map-style dataset, or a list of examples (dicts with one
+        sequence each), has the columns the model's forward does not take dropped (when
+        ``remove_unused_columns``) and is collated by the trainer's collator; a DataLoader or a list of
+        ready batches (dicts of 2-D tensors) is used as it is."""
+        if isinstance(source, torch.utils.data.DataLoader):
+            return source
+        if isinstance(source, (list, tuple)):
+            first = source[0] if source else None
+            ids = first.get("input_ids") if isinstance(first, dict) else None
+            if ids is None or (isinstance(ids, torch.Tensor) and ids.dim() >= 2):
+                return source                     # ready batches (or nothing: estimate_curvature says so)
+        if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             collate = self.data_collator
             try:
                 import datasets

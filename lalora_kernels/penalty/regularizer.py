@@ -3,24 +3,28 @@ the model's live weights and the DDP sharding) and ``fused_laplace_penalty`` (th
 form for front ends that keep their own curvature)."""
 from __future__ import annotations
 
+import warnings
 import weakref
-from typing import Optional, Sequence
+from collections.abc import Mapping
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..curvature import LoRACurvature
-from ..lora_layers import find_lora_layers
+from ..lora_layers import UncoveredParametersWarning, find_lora_layers, uncovered_trainable
 from .module import LaplacePenalty
 
 
 class LaLoRARegularizer(nn.Module):
     """``reg(model) -> scalar``: the LaLoRA penalty of a peft model's active LoRA adapter.
 
-    curvature: from ``estimate_curvature`` or ``LoRACurvature.load``; lam: LaLoRA strength;
-    prior_precision: delta of ``P = lam F / c + delta I`` (alone, it is the L2-to-anchor baseline);
-    normalize: 'mean_diag' divides F by its mean diagonal c so that lam means the same across models
-    and data (SPEC section 6), None uses F as estimated.
+    curvature: from ``estimate_curvature`` or ``LoRACurvature.load``, for the adapter it was
+    estimated on (``curvature.adapter_name``); or a dict {adapter name: curvature} to regularise
+    whichever of those adapters is active at each call (``model.set_adapter``). Any other adapter
+    is refused, by name. lam: LaLoRA strength; prior_precision: delta of ``P = lam F / c + delta I``
+    (alone, it is the L2-to-anchor baseline); normalize: 'mean_diag' divides F by its mean diagonal
+    c so that lam means the same across models and data (SPEC section 6), None uses F as estimated.
 
     shard_factors: under torch.distributed with DDP-averaged gradients, each rank keeps only the
     factors of its share of the adapters (balanced by bytes) and returns ``world_size`` times its
@@ -28,40 +32,94 @@ class LaLoRARegularizer(nn.Module):
     ``full_value(v)`` turns such a returned value into the whole penalty (for logging).
     """
 
-    def __init__(self, curvature: LoRACurvature, lam: float, prior_precision: float = 0.0,
-                 normalize: Optional[str] = "mean_diag", shard_factors: bool = False):
+    def __init__(self, curvature: Union[LoRACurvature, Mapping[str, LoRACurvature]], lam: float,
+                 prior_precision: float = 0.0, normalize: Optional[str] = "mean_diag", shard_factors: bool = False):
         super().__init__()
         from ..distributed import shard_adapters, world
+        curvatures = dict(curvature) if isinstance(curvature, Mapping) else {curvature.adapter_name: curvature}
+        wrong = {k: c.adapter_name for k, c in curvatures.items() if c.adapter_name != k}
+        if wrong:
+            raise ValueError(f"curvatures keyed by the wrong adapter {wrong} (key: the curvature's adapter_name); key "
+                             "each curvature by the adapter it was estimated on")
         rank, size = world()
         self.scale, self.sharded = 1, bool(shard_factors) and size > 1
+        self.curvatures: dict[str, Optional[LoRACurvature]] = {}
+        self.penalties = nn.ModuleDict()
+        for name, curv in curvatures.items():
+            if self.sharded:
+                share = shard_adapters(curv.adapters, curv.variant, size)[rank]
+                curv = curv.subset(share) if share else None
+            self.curvatures[name] = curv
+            if curv is not None:
+                self.penalties[name] = LaplacePenalty(curv, lam, prior_precision, normalize)
         if self.sharded:
-            share = shard_adapters(curvature.adapters, curvature.variant, size)[rank]
-            curvature = curvature.subset(share) if share else None
             self.scale = size
-        self.curvature = curvature
-        self.penalty = None if curvature is None else LaplacePenalty(curvature, lam, prior_precision, normalize)
-        self._bound: Optional[tuple] = None     # (weakref to the model, refs, A, B) as last checked
+        self._bound: dict[str, tuple] = {}     # adapter -> (weakref to the model, refs, A, B) as last checked
+        self._warned = False
 
-    def _weights(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        """The model's live LoRA weights in curvature order. The model is walked and checked against
-        the curvature once; later calls re-check only that each layer still has the same active,
-        unmerged adapter and weight tensors (else walk and check again)."""
-        bound = self._bound
-        if bound is None or bound[0]() is not model or not all(
-                r.is_live(a, b) for r, a, b in zip(bound[1], bound[2], bound[3])):
-            refs = {r.name: r for r in find_lora_layers(model)}
-            layers = {n: r.shape for n, r in refs.items()}
-            if self.sharded:    # a rank's share: its adapters must exist in the model, as estimated
-                layers = {n: layers[n] for n in self.penalty.names if n in layers}
-            self.curvature.check_model(layers)
-            mine = [refs[n] for n in self.penalty.names]
-            self._bound = bound = (weakref.ref(model), mine, [r.A for r in mine], [r.B for r in mine])
-        return bound[2], bound[3]
+    @property
+    def curvature(self) -> Optional[LoRACurvature]:
+        """The curvature (this rank's share under ``shard_factors``), when there is one adapter."""
+        return self._only(self.curvatures)
+
+    @property
+    def penalty(self) -> Optional[LaplacePenalty]:
+        """The ``LaplacePenalty`` (None on a rank without a share), when there is one adapter."""
+        return self._only({n: self.penalties[n] if n in self.penalties else None for n in self.curvatures})
+
+    @staticmethod
+    def _only(d: dict):
+        if len(d) != 1:
+            raise AttributeError(f"this regulariser holds the adapters {sorted(d)}; pick one with "
+                                 "reg.curvatures[name] / reg.penalties[name]")
+        return next(iter(d.values()))
+
+    def _adapter(self, refs) -> str:
+        name = refs[0].adapter
+        if name not in self.curvatures:
+            known = sorted(self.curvatures)
+            raise ValueError(
+                f"the model's active adapter is {name!r} but this regulariser's curvature was estimated on {known}: "
+                f"it would penalise {name!r} against another adapter's anchors. Estimate {name!r}'s own curvature "
+                f"(model.set_adapter({name!r}); estimate_curvature(model, ...)) and pass "
+                "LaLoRARegularizer({" + ", ".join(f"{k!r}: ..." for k in known + [name]) + "}, lam), or switch back "
+                f"with model.set_adapter({known[0]!r})")
+        return name
+
+    def _weights(self, model: nn.Module, refs=None) -> tuple[str, list[Tensor], list[Tensor]]:
+        """The active adapter and the model's live LoRA weights in curvature order. The model is walked
+        and checked against that adapter's curvature once; later calls re-check only that each layer
+        still runs the same adapter, unmerged, with the same weight tensors (else walk again)."""
+        for name, bound in self._bound.items():
+            if bound[0]() is model and all(r.is_live(a, b) for r, a, b in zip(bound[1], bound[2], bound[3])):
+                return name, bound[2], bound[3]
+        found = find_lora_layers(model)
+        name = self._adapter(found)
+        if not self._warned:
+            others = uncovered_trainable(model, found)
+            if others:
+                warnings.warn(f"{len(others)} trainable tensors are not LoRA A/B weights, so the penalty leaves them "
+                              f"free: {others[:6]}{' ...' if len(others) > 6 else ''}. Freeze them (no "
+                              "modules_to_save, lora_bias=False) or regularise them yourself.",
+                              UncoveredParametersWarning, stacklevel=3)
+            self._warned = True
+        refs = {r.name: r for r in found}
+        layers = {n: r.shape for n, r in refs.items()}
+        curv, pen = self.curvatures[name], self.penalties[name] if name in self.penalties else None
+        if pen is None:
+            return name, [], []
+        if self.sharded:    # a rank's share: its adapters must exist in the model, as estimated
+            layers = {n: layers[n] for n in pen.names if n in layers}
+        curv.check_model(layers)
+        mine = [refs[n] for n in pen.names]
+        self._bound[name] = (weakref.ref(model), mine, [r.A for r in mine], [r.B for r in mine])
+        return name, self._bound[name][2], self._bound[name][3]
 
     def forward(self, model: nn.Module) -> Tensor:
-        if self.penalty is None:            # a rank with no share of the adapters
+        name, A, B = self._weights(model)
+        if name not in self.penalties:      # a rank with no share of the adapters
             return next(model.parameters()).new_zeros((), dtype=torch.float32)
-        value = self.penalty(*self._weights(model))
+        value = self.penalties[name](A, B)
         return value * self.scale if self.sharded else value
 
     reg = forward
