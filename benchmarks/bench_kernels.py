@@ -87,9 +87,9 @@ def adapter_set(dev, shape, r, layers):
             ("up", h, inter, 2), ("down", inter, h, 3)]
     Sx, sx_index, Sg, A0, B0 = [], [], [], [], []
 
-    def sym(n):
-        S = torch.randn(n, n, device=dev) / n
-        return S + S.T
+    def sym(n):             # symmetric, diagonally dominant, so positive definite (Gershgorin)
+        S = torch.randn(n, n, device=dev) / (4 * n)
+        return S + S.T + torch.eye(n, device=dev)
     for _ in range(layers):
         base = len(Sx)
         Sx += [sym(h), sym(h), sym(h), sym(inter)]
