@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from . import ops as lalora_ops
 from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_layout, check_variant
 from .distributed import agree, all_reduce_sums, fingerprint, rank_generator
+from .capture_lowrank import LowRank, accumulator_bytes, chunks, omega
 from .gram_meta import GramMeta
+from .reference import lowrank_format
 from .lora_layers import LoRALayerRef, UncoveredParametersWarning, find_lora_layers, uncovered_trainable
 from .proxy_loss import Prepared, ProxyLoss
 from .reference.packed_format import TILE, check_tile, packed_numel
@@ -58,9 +60,12 @@ class _Capture:
     """Hooks, accumulators and the model state they must leave untouched."""
 
     def __init__(self, model: nn.Module, refs: list[LoRALayerRef], variant: str, storage: str, tile: int,
-                 loss: ProxyLoss):
-        self.model, self.refs, self.variant, self.loss = model, refs, variant, loss
+                 loss: ProxyLoss, sketch: Optional[LowRank] = None):
+        self.model, self.refs, self.variant, self.loss, self.sketch = model, refs, variant, loss, sketch
         self.tile = tile if storage == "packed" else 0
+        self.omegas: dict[str, torch.Tensor] = {}        # sketch: each factor's test matrix
+        self.traces: dict[str, torch.Tensor] = {}        # sketch: each factor's exact trace
+        self.peak_bytes = 0                              # the accumulators' high-water mark
         p = refs[0].A
         self.dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         self.device = p.device
@@ -124,13 +129,27 @@ class _Capture:
         if key not in self.sums:
             self.sums[key] = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.stream_of_key[key] = stream
+            big = [t for k, t in self.sums.items() if k.startswith(("Sx/", "Sg/", "sketch:"))]
+            self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in
+                                                       (*big, *self.omegas.values())))
         elif self.stream_of_key[key] != stream:
             raise RuntimeError(f"{key} summed tokens of the {self.stream_of_key[key]} and then of the {stream}; "
                                "a LoRA layer must see the same stream in every batch")
         return self.sums[key]
 
     def _cov(self, key: str, n: int, rows: torch.Tensor, weight: float, stream: str) -> None:
-        """Sx/Sg += weight * rows^T rows, dense or tile-packed."""
+        """Sx/Sg += weight * rows^T rows, dense or tile-packed; a sketch adds weight * rows^T (rows Omega)
+        and the exact trace instead."""
+        if self.sketch is not None:
+            if key not in self.omegas:
+                self.omegas[key] = omega(key, n, self.sketch.sketch_width(n), self.sketch.seed, self.dtype,
+                                         self.device)
+            rows = rows.to(self.dtype)
+            self._acc(f"sketch:{key}", (n, self.omegas[key].shape[1]), stream).addmm_(
+                rows.T, rows @ self.omegas[key], alpha=weight)
+            tr = self._acc(f"trace:{key}", (), stream)
+            tr.add_(rows.square().sum(), alpha=weight)
+            return
         if self.tile:
             ops.packed_cov_update_(self._acc(key, (packed_numel(n, self.tile),), stream), rows, None, weight,
                                    self.tile)
@@ -158,6 +177,12 @@ class _Capture:
             ops.sqcov_update_(self._acc(f"FA/{n}", (r, i), stream), G.to(self.dtype) @ B0, X, None, w * s * s)
         if plan.need_fb[n]:
             ops.sqcov_update_(self._acc(f"FB/{n}", (o, r), stream), G, X.to(self.dtype) @ A0.T, None, w * s * s)
+
+    def probe_groups(self, batch) -> dict[str, str]:
+        """Which layers share an input (leader per layer), from one forward of ``batch``, no backward."""
+        with self.attached(), torch.no_grad():
+            self.model(**self.loss.prepare(batch, self.device).kwargs)
+        return self._groups_from_first_forward()
 
     def _groups_from_first_forward(self) -> dict[str, str]:
         groups: dict[str, str] = {}
@@ -194,7 +219,7 @@ class _Capture:
 
     def packed_dims(self) -> dict[str, int]:
         """n of every tile-packed accumulator."""
-        if not self.tile:
+        if not self.tile or self.sketch is not None:
             return {}
         dims = {r.name: r.shape for r in self.refs}
         return {k: dims[k.split("/", 1)[1]][0 if k.startswith("Sx/") else 1]
@@ -210,6 +235,13 @@ class _Capture:
                 raise ValueError(f"every {self.stream_of_key[key]} token of every batch is masked out "
                                  "(attention masks all 0)")
             tensors[key] = t.div_(tokens)
+        if self.sketch is not None:            # each factor from its sketch and exact trace (Nystrom)
+            lr = self.sketch
+            for key in list(self.omegas):
+                kind, name = key.split("/", 1)
+                tensors[key], tensors[f"{kind}E/{name}"] = lowrank_format.nystrom(
+                    tensors.pop(f"sketch:{key}"), self.omegas[key], float(tensors.pop(f"trace:{key}")), lr.rank,
+                    lr.energy)
         adapters = {}
         for r in self.refs:
             n = r.name
@@ -218,14 +250,20 @@ class _Capture:
             tensors[f"A0/{n}"], tensors[f"B0/{n}"] = plan.A0[n], plan.B0[n]
             if self.variant == "tri" and plan.need_sx[n] and plan.need_sg[n]:
                 # Ka = A* Sx, Kb = Sg B* (SPEC section 3), read straight from the stored layout
-                Sx, Sg = tensors[f"Sx/{plan.groups[n]}"], tensors[f"Sg/{n}"]
-                tensors[f"Ka/{n}"] = _sym_product(plan.A0[n].to(self.dtype), Sx, i, self.tile)
-                tensors[f"Kb/{n}"] = _sym_product(plan.B0[n].to(self.dtype).T, Sg, o, self.tile).T
+                sx, sg = f"Sx/{plan.groups[n]}", f"Sg/{n}"
+                if self.sketch is not None:       # of the compressed factors: no exact one was formed
+                    tensors[f"Ka/{n}"] = _lowrank_product(plan.A0[n].to(self.dtype), tensors[sx], tensors[f"SxE/{sx[3:]}"])
+                    tensors[f"Kb/{n}"] = _lowrank_product(plan.B0[n].to(self.dtype).T, tensors[sg],
+                                                          tensors[f"SgE/{n}"]).T
+                else:
+                    tensors[f"Ka/{n}"] = _sym_product(plan.A0[n].to(self.dtype), tensors[sx], i, self.tile)
+                    tensors[f"Kb/{n}"] = _sym_product(plan.B0[n].to(self.dtype).T, tensors[sg], o, self.tile).T
         model_type = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
         return LoRACurvature(variant=self.variant, fisher=fisher, mc_samples=mc_samples,
                              num_tokens=self.tokens["encoder"], adapter_name=self.refs[0].adapter,
                              model_type=str(model_type), adapters=adapters, tensors=tensors,
-                             layout="packed" if self.tile else "dense", tile=self.tile or TILE)
+                             layout="lowrank" if self.sketch is not None else "packed" if self.tile else "dense",
+                             tile=self.tile or TILE)
 
 
 def _sym_product(D: torch.Tensor, S: torch.Tensor, n: int, tile: int) -> torch.Tensor:
@@ -233,6 +271,13 @@ def _sym_product(D: torch.Tensor, S: torch.Tensor, n: int, tile: int) -> torch.T
     ``lalora::grouped_gram`` (so on the active backend). D: (R, n)."""
     meta = GramMeta.build([(n, D.shape[0], 1)], tile)
     return ops.grouped_gram(D.reshape(-1), S.reshape(-1), meta.classes, tile)[1].view(D.shape[0], n)
+
+
+def _lowrank_product(D: torch.Tensor, U: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """``D S_c`` for one low-rank factor (``reference.lowrank_format``). D: (R, n)."""
+    R, n = D.shape
+    meta = GramMeta.build([(n, R, 1)], 0, sizes=[U.numel()])
+    return ops.grouped_gram_lowrank(D.reshape(-1), U.reshape(-1), E, meta.classes, [U.shape[1], 0])[1].view(R, n)
 
 
 def _warn_degenerate(variant: str, names: list[str], total: int) -> None:
@@ -248,7 +293,7 @@ def _warn_degenerate(variant: str, names: list[str], total: int) -> None:
 def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac",
                        fisher: str = "empirical", mc_samples: int = 1,
                        max_batches: Optional[int] = None, progress: bool = True,
-                       generator: Optional[torch.Generator] = None, storage: Optional[str] = None,
+                       generator: Optional[torch.Generator] = None, storage=None,
                        tile: int = TILE, loss_fn: Optional[Callable] = None) -> LoRACurvature:
     """Laplace curvature of the active LoRA adapter of a peft model from proxy (source) batches.
 
@@ -265,9 +310,12 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     agree that they hold the same model and arguments, then the factor sums and token counts are
     added once at the end (every rank gets the same curvature); MC labels come from per-rank
     generators.
-    storage: 'packed' (Sx/Sg as upper T x T tiles, ``tile`` = T, about half the memory) or 'dense';
-    None picks 'packed' where packed kernels run natively (C++ on CPU, Triton on CUDA), see
-    ``lalora_kernels.backends()``.
+    storage: 'packed' (Sx/Sg as upper T x T tiles, ``tile`` = T, about half the memory), 'dense', or
+    ``LowRank(rank=..., energy=..., capture=..., budget=...)`` (each Sx/Sg as its top eigenpairs plus a
+    trace-keeping tail, captured without holding every factor at once: ``capture_lowrank``); None
+    picks 'packed' where packed kernels run natively (C++ on CPU, Triton on CUDA), see
+    ``lalora_kernels.backends()``. The returned curvature's ``capture_stats`` says how many proxy
+    passes ran and the factor accumulators' peak bytes.
     """
     check_variant(variant)
     if fisher not in FISHERS:
@@ -285,17 +333,40 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     if off:
         raise ValueError(f"the LoRA adapters of {off[:3]} are disabled (inside peft's disable_adapter()?), so "
                          "the proxy passes would not reach them; estimate with the adapters enabled")
-    storage = lalora_ops.default_storage(refs[0].A.device) if storage is None else storage
-    check_layout(storage)
-    cap = _Capture(model, refs, variant, storage, tile, ProxyLoss(model, loss_fn))
-    nb = 0
-    it = batches if max_batches is None else itertools.islice(batches, max_batches)
-    generator = rank_generator(generator, cap.device) if fisher == "mc" else generator
-    error = None
+    lowrank = storage if isinstance(storage, LowRank) else None
+    inner = lalora_ops.default_storage(refs[0].A.device) if storage is None or lowrank else storage
+    check_layout(inner)
+    loss = ProxyLoss(model, loss_fn)
+    it = batches if max_batches is None else list(itertools.islice(batches, max_batches))
+    generator = rank_generator(generator, refs[0].A.device) if fisher == "mc" else generator
+    args = dict(variant=variant, fisher=fisher, mc_samples=mc_samples, progress=progress, tile=tile)
+    if lowrank is None or lowrank.capture == "sketch":
+        curv, cap = _estimate(model, refs, it, inner, loss, generator, sketch=lowrank, **args)
+        stats = {"passes": 1, "peak_factor_bytes": cap.peak_bytes}
+    else:
+        curv, stats = _estimate_chunked(model, refs, it, inner, loss, generator, lowrank, **args)
+    zero_b = [n for n in curv.adapters if variant != "wkfac" and not bool(curv.get("B0", n).any())]
+    if zero_b:
+        _warn_degenerate(variant, zero_b, len(refs))
+    others = uncovered_trainable(model, refs)
+    if others:
+        warnings.warn(f"{len(others)} trainable tensors are not LoRA A/B weights, so the curvature does not cover "
+                      f"them and the penalty leaves them free: {others[:6]}{' ...' if len(others) > 6 else ''}. "
+                      "Freeze them (no modules_to_save, lora_bias=False) or regularise them yourself.",
+                      UncoveredParametersWarning, stacklevel=2)
+    curv.capture_stats = stats
+    return curv
+
+
+def _estimate(model, refs, batches, storage, loss, generator, *, variant, fisher, mc_samples, progress, tile,
+              sketch=None) -> tuple[LoRACurvature, _Capture]:
+    """One proxy pass over ``batches`` accumulating the factors of ``refs``; every rank agrees, then
+    the sums are reduced."""
+    cap = _Capture(model, refs, variant, storage, tile, loss, sketch)
+    nb, error = 0, None
     try:
         with cap.attached(), torch.enable_grad():        # also when called under torch.no_grad()
-            for batch in tqdm(it, desc=f"lalora curvature ({variant})", disable=not progress,
-                              total=max_batches, unit="batch"):
+            for batch in tqdm(batches, desc=f"lalora curvature ({variant})", disable=not progress, unit="batch"):
                 cap.run_batch(batch, fisher, mc_samples, generator)
                 nb += 1
         if nb == 0:
@@ -305,14 +376,42 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     agree(error, None if error else fingerprint(
         cap.sums, [t for r in cap.refs for t in (cap.plan.A0[r.name], cap.plan.B0[r.name])], variant=variant,
         fisher=fisher, mc_samples=mc_samples, storage=storage, tile=cap.tile, dtype=str(cap.dtype),
-        streams=sorted(cap.tokens)))
+        streams=sorted(cap.tokens), sketch=str(sketch)))
     cap.tokens = all_reduce_sums(cap.sums, cap.tokens, cap.packed_dims(), cap.tile)   # no-op outside distributed
-    if cap.plan.degenerate:
-        _warn_degenerate(variant, cap.plan.degenerate, len(refs))
-    others = uncovered_trainable(model, refs)
-    if others:
-        warnings.warn(f"{len(others)} trainable tensors are not LoRA A/B weights, so the curvature does not cover "
-                      f"them and the penalty leaves them free: {others[:6]}{' ...' if len(others) > 6 else ''}. "
-                      "Freeze them (no modules_to_save, lora_bias=False) or regularise them yourself.",
-                      UncoveredParametersWarning, stacklevel=2)
-    return cap.result(fisher, mc_samples)
+    return cap.result(fisher, mc_samples), cap
+
+
+def _estimate_chunked(model, refs, batches, storage, loss, generator, lowrank: LowRank, **args
+                      ) -> tuple[LoRACurvature, dict]:
+    """The exact low-rank capture: layer groups (those sharing an input together) in chunks whose
+    accumulators fit ``lowrank.budget``, a proxy pass per chunk (each with the same MC draws), each
+    chunk's factors eigendecomposed and cut before the next chunk starts."""
+    if iter(batches) is batches:
+        raise ValueError("capture='exact' reads the batches once per chunk of layers: pass a list or a DataLoader, "
+                         "not an iterator (or use LowRank(capture='sketch'), one pass)")
+    probe = _Capture(model, refs, args["variant"], storage, args["tile"], loss)
+    groups = probe.probe_groups(next(iter(batches)))
+    itemsize = 8 if probe.dtype == torch.float64 else 4
+    tile = probe.tile
+    units = []
+    for leader in dict.fromkeys(groups.values()):
+        names = [r.name for r in refs if groups[r.name] == leader]
+        shape = {r.name: r.shape for r in refs}
+        nbytes = accumulator_bytes(shape[leader][0], tile, itemsize, None) + sum(
+            accumulator_bytes(shape[n][1], tile, itemsize, None) for n in names)
+        units.append((names, nbytes))
+    state = generator.get_state() if generator is not None else None
+    parts, peak = [], 0
+    for names in chunks(units, lowrank.budget):
+        if state is not None:
+            generator.set_state(state)
+        part, cap = _estimate(model, [r for r in refs if r.name in set(names)], batches, storage, loss, generator,
+                              **args)
+        peak = max(peak, cap.peak_bytes)
+        parts.append(part.to_layout("lowrank", rank=lowrank.rank, energy=lowrank.energy))
+    first = parts[0]
+    curv = LoRACurvature(variant=first.variant, fisher=first.fisher, mc_samples=first.mc_samples,
+                         num_tokens=first.num_tokens, adapter_name=first.adapter_name, model_type=first.model_type,
+                         adapters={r.name: a for r in refs for p in parts for n, a in p.adapters.items() if n == r.name},
+                         tensors={k: t for p in parts for k, t in p.tensors.items()}, layout="lowrank", tile=first.tile)
+    return curv, {"passes": len(parts), "peak_factor_bytes": peak}

@@ -109,7 +109,7 @@ def packed_cov_update_(P: Tensor, X: Tensor, mask: Optional[Tensor], weight: flo
     _weight(weight)
 
 
-def classes_table(classes: Sequence[int], tile: int, d_numel: int, s_numel: int) -> None:
+def classes_table(classes: Sequence[int], tile: int, d_numel: int, s_numel: int, ranks: Sequence[int] = ()) -> None:
     """The class table (``gram_meta``): fields non-negative integers, n >= 1 and R >= 1, every
     bundle's rows inside D and factor inside the arena, no two classes' rows (so Q and dD) or Gram
     blocks overlapping."""
@@ -128,9 +128,10 @@ def classes_table(classes: Sequence[int], tile: int, d_numel: int, s_numel: int)
             raise ValueError(f"classes: class {k} has n={n}, R={R}; both must be >= 1 (m=0 gives an empty class)")
         if d_off + m * R * n > d_numel:
             raise ValueError(f"classes: class {k} reads D[{d_off}:{d_off + m * R * n}] but D has {d_numel} numbers")
-        if s_off + m * factor_numel(n, tile) > s_numel:
-            raise ValueError(f"classes: class {k} reads arena[{s_off}:{s_off + m * factor_numel(n, tile)}] "
-                             f"({m} factors of n={n}, tile={tile}) but the arena has {s_numel} numbers")
+        size = n * ranks[2 * k] if ranks else factor_numel(n, tile)
+        if s_off + m * size > s_numel:
+            raise ValueError(f"classes: class {k} reads arena[{s_off}:{s_off + m * size}] ({m} factors of n={n}, "
+                             f"{f'rank {ranks[2 * k]}' if ranks else f'tile={tile}'}) but the arena has {s_numel} numbers")
         if m:
             d_ranges.append((d_off, d_off + m * R * n, k))
             g_ranges.append((g_off, g_off + m * R * R, k))
@@ -170,3 +171,28 @@ def diag_quad(F: Tensor, D: Tensor) -> None:
     if F.shape != D.shape:
         raise ValueError(f"F {tuple(F.shape)} and D {tuple(D.shape)} must have the same shape")
     _device("F", F, D=D)
+
+
+def grouped_gram_lowrank(D: Tensor, U: Tensor, E: Tensor, classes: Sequence[int], ranks: Sequence[int]) -> None:
+    _float("D", D)
+    _dtype("U", U, ARENAS)
+    _dtype("E", E, ACCUMULATORS)
+    for name, t in (("D", D), ("U", U), ("E", E)):
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be a contiguous 1-D (flat) buffer")
+    _device("U", U, D=D, E=E)
+    n_classes = len(classes) // CLASS_FIELDS if len(classes) % CLASS_FIELDS == 0 else -1
+    if len(ranks) != 2 * n_classes:
+        raise ValueError(f"ranks has {len(ranks)} numbers; it must hold [k, e_off] for each of the "
+                         f"{max(n_classes, 0)} classes")
+    for j in range(n_classes):
+        k, e_off = ranks[2 * j], ranks[2 * j + 1]
+        n, m = classes[CLASS_FIELDS * j], classes[CLASS_FIELDS * j + 2]
+        for name, v in (("k", k), ("e_off", e_off)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"ranks: class {j} has {name}={v!r}; it must be an integer >= 0")
+        if not 1 <= k <= max(n, 1):
+            raise ValueError(f"ranks: class {j} has k={k}; it must be from 1 to n={n}")
+        if isinstance(m, int) and m >= 0 and e_off + m * (k + 1) > E.numel():
+            raise ValueError(f"ranks: class {j} reads E[{e_off}:{e_off + m * (k + 1)}] but E has {E.numel()} numbers")
+    classes_table(classes, 0, D.numel(), U.numel(), ranks)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import curvature_file
+from .reference import lowrank_format
 from .reference.closed_form import finalize
 from .reference.packed_format import (TILE, check_tile, mirror_diagonal_tiles_, mirror_upper, pack, packed_numel,
                                       packed_trace, unpack)
@@ -21,8 +22,10 @@ from .version import __version__
 
 VARIANTS = ("diag", "kfac", "tri", "wkfac")
 FISHERS = ("empirical", "mc")
-LAYOUTS = ("dense", "packed")
-PACKED_KINDS = ("Sx/", "Sg/")          # the factors that the packed layout stores tile-packed
+LAYOUTS = ("dense", "packed", "lowrank")
+PACKED_KINDS = ("Sx/", "Sg/")          # the big factors: kept dense, tile-packed, or as U of low rank
+EIGEN_KINDS = ("SxE/", "SgE/")         # low rank: each big factor's [rho, lam_1 .. lam_k]
+ANCHOR_KINDS = ("A0/", "B0/")
 
 
 def check_layout(layout: str) -> None:
@@ -86,9 +89,9 @@ def adapter_tensor_keys(adapters: dict[str, AdapterInfo], names) -> list[str]:
     """Every tensor key the adapters ``names`` may own (their shared Sx included)."""
     keys = []
     for n in names:
-        keys += [f"{kind}/{n}" for kind in ("A0", "B0", "Sg", "Caa", "Cbb", "Ka", "Kb", "FA", "FB")]
+        keys += [f"{kind}/{n}" for kind in ("A0", "B0", "Sg", "SgE", "Caa", "Cbb", "Ka", "Kb", "FA", "FB")]
         if adapters[n].has_sx and f"Sx/{adapters[n].sx_key}" not in keys:
-            keys.append(f"Sx/{adapters[n].sx_key}")
+            keys += [f"Sx/{adapters[n].sx_key}", f"SxE/{adapters[n].sx_key}"]
     return keys
 
 
@@ -194,7 +197,7 @@ class LoRACurvature:
     def dim(self, key: str) -> int:
         """n of the n x n factor ``Sx/<leader>`` or ``Sg/<module>``."""
         kind, name = key.split("/", 1)
-        if kind == "Sx":
+        if kind in ("Sx", "SxE"):
             info = next((a for a in self.adapters.values() if a.sx_key == name and a.has_sx), None)
             if info is None:
                 raise KeyError(f"{key!r} is read by no adapter of this curvature")
@@ -204,32 +207,58 @@ class LoRACurvature:
     def is_packed(self, key: str) -> bool:
         return self.layout == "packed" and key.startswith(PACKED_KINDS)
 
+    def is_lowrank(self, key: str) -> bool:
+        return self.layout == "lowrank" and key.startswith(PACKED_KINDS)
+
+    @staticmethod
+    def eigen_key(key: str) -> str:
+        """``SxE/<name>`` of ``Sx/<name>`` (the low-rank factor's eigenvalues and tail)."""
+        kind, name = key.split("/", 1)
+        return f"{kind}E/{name}"
+
     def dense(self, key: str) -> Optional[torch.Tensor]:
-        """The tensor ``key`` as stored, or its (n, n) matrix when it is tile-packed."""
+        """The tensor ``key`` as stored, or its (n, n) matrix when it is tile-packed or low-rank."""
         t = self.tensors.get(key)
-        if t is None or not self.is_packed(key):
+        if t is None:
             return t
-        return unpack(t, self.dim(key), self.tile)
+        if self.is_packed(key):
+            return unpack(t, self.dim(key), self.tile)
+        if self.is_lowrank(key):
+            return lowrank_format.expand(t, self.tensors[self.eigen_key(key)])
+        return t
 
     def trace(self, key: str) -> float:
         t = self.tensors[key]
+        if self.is_lowrank(key):
+            return lowrank_format.trace(t, self.tensors[self.eigen_key(key)])
         return float(packed_trace(t, self.dim(key), self.tile) if self.is_packed(key) else t.trace())
 
-    def to_layout(self, layout: str, tile: int = TILE) -> "LoRACurvature":
-        """Convert ``Sx``/``Sg`` to 'packed' (tile ``tile``) or 'dense' storage, in place; exact."""
+    def to_layout(self, layout: str, tile: int = TILE, rank: Optional[int] = None,
+                  energy: Optional[float] = None) -> "LoRACurvature":
+        """Convert ``Sx``/``Sg`` to 'packed' (tile ``tile``), 'dense' or 'lowrank' storage, in place.
+        Dense and packed convert exactly in either direction; 'lowrank' keeps the top ``rank``
+        eigenpairs of each factor (or as many as hold ``energy`` of its trace) and the trace exactly;
+        from 'lowrank' the others hold the low-rank matrix exactly."""
         check_layout(layout)
         check_tile(tile)
-        if layout == self.layout and (layout == "dense" or tile == self.tile):
+        if layout == self.layout and (layout == "dense" or (layout == "packed" and tile == self.tile)):
             return self
+        if layout == self.layout == "lowrank":
+            raise ValueError("the curvature is low-rank already; re-estimate, or convert from dense factors")
         for key in [k for k in self.tensors if k.startswith(PACKED_KINDS)]:
             dense = self.dense(key)
-            self.tensors[key] = pack(dense, tile) if layout == "packed" else dense
+            self.tensors.pop(self.eigen_key(key), None)
+            if layout == "lowrank":
+                self.tensors[key], self.tensors[self.eigen_key(key)] = lowrank_format.compress(dense, rank, energy)
+            else:
+                self.tensors[key] = pack(dense, tile) if layout == "packed" else dense
         self.layout, self.tile = layout, int(tile)
         return self
 
     @property
     def factor_dtype(self) -> torch.dtype:
-        return next(t.dtype for k, t in self.tensors.items() if not k.startswith(("A0/", "B0/")))
+        """The dtype the factors are stored in (low rank: U's; its eigenvalues stay fp32/fp64)."""
+        return next(t.dtype for k, t in self.tensors.items() if not k.startswith(ANCHOR_KINDS + EIGEN_KINDS))
 
     @property
     def device(self) -> torch.device:
@@ -246,13 +275,16 @@ class LoRACurvature:
     def memory_bytes(self, anchors: bool = False) -> int:
         """Bytes held by the curvature factors (plus the anchors when ``anchors=True``)."""
         return sum(t.numel() * t.element_size() for k, t in self.tensors.items()
-                   if anchors or not k.startswith(("A0/", "B0/")))
+                   if anchors or not k.startswith(ANCHOR_KINDS))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LoRACurvature":
-        """Move factors (and anchors) to ``device``; ``dtype`` applies to the factors only."""
+        """Move factors (and anchors) to ``device``; ``dtype`` applies to the factors only (low rank:
+        to U; its eigenvalues stay fp32, or fp64 for fp64 factors)."""
         for k, t in self.tensors.items():
-            anchor = k.startswith(("A0/", "B0/"))
-            self.tensors[k] = t.to(device=device, dtype=None if anchor else dtype)
+            if k.startswith(EIGEN_KINDS):
+                self.tensors[k] = t.to(device=device, dtype=None if dtype is None else lowrank_format.eigen_dtype(dtype))
+            else:
+                self.tensors[k] = t.to(device=device, dtype=None if k.startswith(ANCHOR_KINDS) else dtype)
         return self
 
     def subset(self, names) -> "LoRACurvature":
@@ -330,9 +362,20 @@ class LoRACurvature:
                     raise ValueError(f"curvature tensor '{kind}/{name}' has shape {tuple(t.shape)}; adapter "
                                      f"{name!r} (in={i}, out={o}, r={r}) needs {want}")
         for key, t in self.tensors.items():
-            if not key.startswith(PACKED_KINDS):
+            if not key.startswith(PACKED_KINDS + EIGEN_KINDS):
                 continue
             n = self.dim(key)
+            if self.layout == "lowrank":
+                E = self.tensors.get(self.eigen_key(key)) if key.startswith(PACKED_KINDS) else t
+                U = t if key.startswith(PACKED_KINDS) else self.tensors.get(key.replace("E/", "/", 1))
+                if U is None or E is None or U.dim() != 2 or U.shape[0] != n or not 1 <= U.shape[1] <= n \
+                        or tuple(E.shape) != (U.shape[1] + 1,):
+                    raise ValueError(f"curvature tensor {key!r}: a low-rank factor of n={n} is U (n, k) with "
+                                     "1 <= k <= n and its eigenvalues [rho, lam_1..lam_k] (k + 1,); the file or "
+                                     "tensors are incomplete or mismatched")
+                continue
+            if key.startswith(EIGEN_KINDS):
+                raise ValueError(f"curvature tensor {key!r} belongs to the low-rank layout, not {self.layout!r}")
             want = (packed_numel(n, self.tile),) if self.layout == "packed" else (n, n)
             if tuple(t.shape) != want:
                 raise ValueError(f"curvature tensor {key!r} has shape {tuple(t.shape)}, but layout="
@@ -355,16 +398,22 @@ class LoRACurvature:
         anchors floating; every symmetric factor symmetric (to ``SYMMETRY_TOL``, then made exact
         from its upper triangle) with a non-negative diagonal; ``FA``/``FB`` non-negative; and, with
         ``stored_norm``, the normalisation consistent with the factors."""
-        factor_dtypes = {t.dtype for k, t in self.tensors.items() if not k.startswith(("A0/", "B0/"))}
+        factor_dtypes = {t.dtype for k, t in self.tensors.items() if not k.startswith(ANCHOR_KINDS + EIGEN_KINDS)}
         if not factor_dtypes <= set(self.FACTOR_DTYPES) or len(factor_dtypes) > 1:
             raise ValueError(f"the factors are {sorted(map(str, factor_dtypes))}; they must all be one of float32, "
                              "float64 or bfloat16: cast them with curvature.to(dtype=...)")
-        bad = [k for k, t in self.tensors.items() if k.startswith(("A0/", "B0/")) and not t.dtype.is_floating_point]
+        bad = [k for k, t in self.tensors.items() if k.startswith(ANCHOR_KINDS) and not t.dtype.is_floating_point]
         if bad:
             raise ValueError(f"anchors {bad[:3]} are not floating point")
         for key, t in self.tensors.items():
             kind = key.split("/", 1)[0]
-            if kind in ("Sx", "Sg", "Caa", "Cbb"):
+            if kind in ("SxE", "SgE"):
+                if not t.dtype.is_floating_point or bool((t < 0).any()):
+                    raise ValueError(f"curvature tensor {key!r} holds a negative eigenvalue or tail; a low-rank "
+                                     "covariance factor's are >= 0")
+            elif self.is_lowrank(key):
+                continue                         # U: any orthonormal-ish basis defines a symmetric S_c
+            elif kind in ("Sx", "Sg", "Caa", "Cbb"):
                 self._symmetric(key, t)
             elif kind in ("FA", "FB") and bool((t < 0).any()):
                 raise ValueError(f"curvature tensor {key!r} has negative entries; a diagonal Fisher is a mean of squares")

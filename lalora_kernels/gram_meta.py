@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -87,12 +87,15 @@ class GramMeta:
     tile: int
 
     @classmethod
-    def build(cls, shapes: Sequence[tuple[int, int, int]], tile: int = 0) -> "GramMeta":
-        """Classes ``(n, R, m)`` laid out in the given order, offsets packed without gaps."""
+    def build(cls, shapes: Sequence[tuple[int, int, int]], tile: int = 0,
+              sizes: Optional[Sequence[int]] = None) -> "GramMeta":
+        """Classes ``(n, R, m)`` laid out in the given order, offsets packed without gaps; ``sizes``:
+        the numbers one factor of each class takes, when not ``factor_numel(n, tile)`` (low rank: n k)."""
         rows, d, s, g = [], 0, 0, 0
-        for n, R, m in shapes:
+        for j, (n, R, m) in enumerate(shapes):
             rows.append(GramClass(n, R, m, d, s, g))
-            d, s, g = d + m * R * n, s + m * factor_numel(n, tile), g + m * R * R
+            size = sizes[j] if sizes is not None else factor_numel(n, tile)
+            d, s, g = d + m * R * n, s + m * size, g + m * R * R
         return cls(tuple(rows), tile)
 
     @property

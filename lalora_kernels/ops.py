@@ -7,6 +7,7 @@
 | ``packed_cov_update_`` | ``cov_update_`` on a tile-packed S (``reference.packed_format``), n = X.shape[-1] | P (packed_numel(n, tile),) fp32/fp64 |
 | ``grouped_gram`` | per bundle k: ``G_k = D_k S_k D_k^T``, ``Q_k = D_k S_k`` (differentiable in D) | D flat (sum m R n,) any float; arena flat fp32/fp64/bf16 (bf16: products and outputs in fp32); classes: the class table (``gram_meta``); tile: 0 dense, else the packed layout's T |
 | ``grouped_gram_quad`` | ``v = 1/2 <C, G>`` on ``grouped_gram``'s G and ``dD = dv/dD`` (returned, and used by the backward) | as ``grouped_gram``; C like G; grad: bool (False: dD empty) |
+| ``grouped_gram_lowrank`` | ``grouped_gram`` on low-rank-plus-tail factors ``S = U diag(lam) U^T + rho (I - U U^T)`` (``reference.lowrank_format``) | D as above; U flat (fp32/fp64/bf16); E flat ``[rho, lam]`` per factor (fp32/fp64); classes with s_off into U; ranks: ``[k, e_off]`` per class |
 | ``diag_quad`` | ``v = 1/2 sum F * D^2`` and ``FD = F * D`` (differentiable in D: ``dD = dv FD``) | F, D same shape; F fp32/fp64; D any float |
 
 Kernels, one file per op named after it:
@@ -18,6 +19,7 @@ Kernels, one file per op named after it:
 | ``packed_cov_update_`` | ``packed_cov_update.py`` | ``packed_cov_update.cpp`` | ``packed_cov_update.py`` |
 | ``grouped_gram`` | ``grouped_gram.py`` | ``grouped_gram.cpp`` | ``grouped_gram.py`` |
 | ``grouped_gram_quad`` | ``grouped_gram_quad.py`` | ``grouped_gram_quad.cpp`` | ``grouped_gram_quad.py`` |
+| ``grouped_gram_lowrank`` | ``grouped_gram_lowrank.py`` | - (two batched GEMMs per class: MKL) | - (cuBLAS) |
 | ``diag_quad`` | ``diag_quad.py`` | - | - (elementwise) |
 
 Which kernel runs is decided at every call from the tensors' device and ``LALORA_BACKEND``:
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from . import _cpp, checks
 from .reference import cov_update, diag_quad as ref_diag_quad, grouped_gram as ref_gram, grouped_gram_quad as ref_quad
-from .reference import packed_cov_update, sqcov_update
+from .reference import grouped_gram_lowrank as ref_lowrank, packed_cov_update, sqcov_update
 
 try:
     import triton  # noqa: F401
@@ -72,6 +74,7 @@ KERNELS = {
                                   "packed_cov_update:packed_cov_update_"),
     "grouped_gram": Kernels(ref_gram.grouped_gram, "grouped_gram", "grouped_gram:grouped_gram"),
     "grouped_gram_quad": Kernels(ref_quad.grouped_gram_quad, "grouped_gram_quad", "grouped_gram_quad:grouped_gram_quad"),
+    "grouped_gram_lowrank": Kernels(ref_lowrank.grouped_gram_lowrank),
     "diag_quad": Kernels(ref_diag_quad.diag_quad),
 }
 
@@ -177,6 +180,11 @@ def grouped_gram_quad(D: Tensor, arena: Tensor, classes: list[int], tile: int, C
     return run("grouped_gram_quad", D, arena, classes, tile, C, grad)
 
 
+@torch.library.custom_op("lalora::grouped_gram_lowrank", mutates_args=())
+def grouped_gram_lowrank(D: Tensor, U: Tensor, E: Tensor, classes: list[int], ranks: list[int]) -> tuple[Tensor, Tensor]:
+    return run("grouped_gram_lowrank", D, U, E, classes, ranks)
+
+
 @torch.library.custom_op("lalora::diag_quad", mutates_args=())
 def diag_quad(F: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
     return run("diag_quad", F, D)
@@ -206,6 +214,12 @@ def _(D, arena, classes, tile):
 @grouped_gram_quad.register_fake
 def _(D, arena, classes, tile, C, grad):
     return ref_gram.gram_outputs_like(D, arena, classes, grad)
+
+
+@grouped_gram_lowrank.register_fake
+def _(D, U, E, classes, ranks):
+    from .gram_meta import gram_numel
+    return D.new_empty((gram_numel(classes),), dtype=E.dtype), D.new_empty(D.shape, dtype=E.dtype)
 
 
 @diag_quad.register_fake
@@ -241,6 +255,25 @@ def _grouped_gram_backward(ctx, dG, dQ):
 
 
 grouped_gram.register_autograd(_grouped_gram_backward, setup_context=_grouped_gram_setup)
+
+
+def _lowrank_setup(ctx, inputs, output):
+    D, classes = inputs[0], inputs[3]
+    ctx.save_for_backward(output[1])
+    ctx.d_dtype, ctx.classes = D.dtype, classes
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _lowrank_backward(ctx, dG, dQ):
+    (Q,) = ctx.saved_tensors
+    if dG is None:
+        return (None,) * 5
+    _first_order_only("grouped_gram_lowrank")
+    return (ref_gram.sym_grad(dG.to(Q.dtype), Q, ctx.classes).to(ctx.d_dtype),) + (None,) * 4
+
+
+grouped_gram_lowrank.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
 
 
 def _gram_quad_setup(ctx, inputs, output):

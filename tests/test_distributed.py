@@ -133,7 +133,7 @@ def _penalty_worker(rank, world, init_file, out_dir):
         local = [{k: v[rank * 2:(rank + 1) * 2] for k, v in b.items()} for b in data]   # 2 rows each
         for mode, reg in (("replicated", rep), ("sharded", sh)):
             m = _moved_model()
-            reg._bound = None
+            reg._bound.clear()
             _train(DDP(m), reg, local)
             out[mode] = [p.detach().reshape(-1).tolist() for p in _lora_params(m)]
         with open(os.path.join(out_dir, f"penalty-rank{rank}.json"), "w") as f:

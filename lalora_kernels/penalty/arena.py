@@ -73,9 +73,13 @@ def tensors_of(obj) -> Iterator[tuple[str, Tensor]]:
 
 def side_classes(curv: LoRACurvature) -> tuple[list[SideClass], list[SideClass]]:
     """A-side and B-side classes for a Kronecker variant (kfac, tri, wkfac; wkfac uses both sides of
-    every adapter, kfac/tri only the blocks SPEC section 5 does not prove zero)."""
+    every adapter, kfac/tri only the blocks SPEC section 5 does not prove zero). Low-rank factors
+    also group by their k."""
     full = curv.variant == "wkfac"
     pos = {n: k for k, n in enumerate(curv.adapters)}
+
+    def k_of(key: str) -> int:
+        return curv.tensors[key].shape[1] if curv.is_lowrank(key) else 0
     bundles: dict[tuple[str, int], list[str]] = {}
     for name, a in curv.adapters.items():
         if full or a.has_sx:
@@ -83,14 +87,15 @@ def side_classes(curv: LoRACurvature) -> tuple[list[SideClass], list[SideClass]]
     a_classes: dict[tuple, SideClass] = {}
     for (key, rank), members in bundles.items():
         info = curv.adapters[members[0]]
-        c = a_classes.setdefault((info.in_features, rank, len(members)),
+        c = a_classes.setdefault((info.in_features, rank, len(members), k_of(f"Sx/{key}")),
                                  SideClass("A", info.in_features, rank, len(members), []))
         c.factor_keys.append(f"Sx/{key}")
         c.names.extend(members)
     b_classes: dict[tuple, SideClass] = {}
     for name, a in curv.adapters.items():
         if full or a.has_sg:
-            c = b_classes.setdefault((a.out_features, a.rank), SideClass("B", a.out_features, a.rank, 1, []))
+            c = b_classes.setdefault((a.out_features, a.rank, k_of(f"Sg/{name}")),
+                                     SideClass("B", a.out_features, a.rank, 1, []))
             c.factor_keys.append(f"Sg/{name}")
             c.names.append(name)
     out = list(a_classes.values()), list(b_classes.values())
@@ -99,16 +104,27 @@ def side_classes(curv: LoRACurvature) -> tuple[list[SideClass], list[SideClass]]
     return out
 
 
-def gram_meta(classes: list[SideClass], tile: int) -> GramMeta:
-    """The class table of the sides' classes, in order: (n, R = per * rank, bundles)."""
-    return GramMeta.build([(c.dim, c.per * c.rank, len(c.factor_keys)) for c in classes], tile)
+def gram_meta(classes: list[SideClass], tile: int, curv: Optional[LoRACurvature] = None
+              ) -> tuple[GramMeta, list[int]]:
+    """The class table of the sides' classes, in order: (n, R = per * rank, bundles), and for
+    low-rank factors (``curv`` given and low-rank) the ``[k, e_off]`` of each class."""
+    shapes = [(c.dim, c.per * c.rank, len(c.factor_keys)) for c in classes]
+    if curv is None or curv.layout != "lowrank":
+        return GramMeta.build(shapes, tile), []
+    ks = [curv.tensors[c.factor_keys[0]].shape[1] for c in classes]
+    meta = GramMeta.build(shapes, 0, sizes=[n * k for (n, _, _), k in zip(shapes, ks)])
+    ranks, e = [], 0
+    for (_, _, m), k in zip(shapes, ks):
+        ranks += [k, e]
+        e += m * (k + 1)
+    return meta, ranks
 
 
-def adopt(curv: LoRACurvature, meta: GramMeta, keys: list[str]) -> Tensor:
-    """Copy the big factors into one flat arena, in class-table order, and point the curvature at
-    views of it, so that the factors are not held twice (originals are freed one by one)."""
+def adopt(curv: LoRACurvature, keys: list[str]) -> Tensor:
+    """Copy the tensors ``keys`` into one flat arena, in that order, and point the curvature at views
+    of it, so that the factors are not held twice (originals are freed one by one)."""
     first = curv.tensors[keys[0]]
-    arena = torch.empty(meta.s_size, dtype=first.dtype, device=first.device)
+    arena = torch.empty(sum(curv.tensors[k].numel() for k in keys), dtype=first.dtype, device=first.device)
     off = 0
     for k in keys:
         t = curv.tensors[k]

@@ -82,12 +82,13 @@ class LaplacePenalty(nn.Module):
         self.a_classes: list[arena.SideClass] = []
         self.b_classes: list[arena.SideClass] = []
         self.pairs: list[arena.RankPairs] = []
+        self.eigen: Optional[Tensor] = None
         if self.variant == "diag":
             self._build_diag(curvature)
         else:
             self._build_kron(curvature)
         weighted = ([self.quad_C] if hasattr(self, "quad_C") else []) + [c.F for c in self.diag_classes]
-        if any(not bool(torch.isfinite(t).all()) for t in weighted):
+        if any(t.device.type != "meta" and not bool(torch.isfinite(t).all()) for t in weighted):
             raise ValueError(f"lam={lam!r} times the curvature overflows {self._dtype}: use a smaller lam, or "
                              "normalize='mean_diag'")
 
@@ -119,9 +120,11 @@ class LaplacePenalty(nn.Module):
         self.a_classes, self.b_classes = arena.side_classes(curv)
         sides = self.a_classes + self.b_classes
         self.tile = curv.tile if curv.layout == "packed" else 0
-        meta = arena.gram_meta(sides, self.tile)
+        meta, self.ranks = arena.gram_meta(sides, self.tile, curv)
         self.classes = meta.classes
-        self.arena = arena.adopt(curv, meta, [k for c in sides for k in c.factor_keys])
+        keys = [k for c in sides for k in c.factor_keys]
+        self.arena = arena.adopt(curv, keys)
+        self.eigen = arena.adopt(curv, [curv.eigen_key(k) for k in keys]) if curv.layout == "lowrank" else None
         for c in sides:
             c.anchor = self._stack([curv.get(f"{c.side}0", n) for n in c.names])
         blocks = arena.diagonal_blocks(sides, meta)
@@ -149,7 +152,7 @@ class LaplacePenalty(nn.Module):
         ``Caa = A* Sx A*^T`` and ``Cbb = B*^T Sg B*``."""
         D0 = torch.cat([c.anchor.reshape(-1) for c in self.a_classes]
                        + [c.anchor.transpose(1, 2).reshape(-1) for c in self.b_classes])
-        G0, Q0 = torch.ops.lalora.grouped_gram(D0, self.arena, self.classes, self.tile)
+        G0, Q0 = self._gram(D0)
         views = class_views(Q0, self.classes, "D")
         for c in self.a_classes:        # (bundles, per r, i) -> (adapters, r, i)
             c.K = next(views).reshape(-1, c.rank, c.dim)
@@ -157,12 +160,18 @@ class LaplacePenalty(nn.Module):
             c.K = next(views).transpose(1, 2)
         return G0
 
+    def _gram(self, D: Tensor) -> tuple[Tensor, Tensor]:
+        """G and Q of every bundle: one grouped call over the arena (tile-packed, dense or low-rank)."""
+        if self.eigen is not None:
+            return torch.ops.lalora.grouped_gram_lowrank(D, self.arena, self.eigen, self.classes, self.ranks)
+        return torch.ops.lalora.grouped_gram(D, self.arena, self.classes, self.tile)
+
     def _structs(self):
         return self.diag_classes + self.a_classes + self.b_classes + self.pairs
 
     def tensors(self):
         """Every tensor the penalty holds: the factor arena and the small per-class ones."""
-        for name in ("anchor_A", "anchor_B", "arena", "quad_C"):
+        for name in ("anchor_A", "anchor_B", "arena", "eigen", "quad_C"):
             if isinstance(getattr(self, name, None), Tensor):
                 yield getattr(self, name)
         for obj in self._structs():
@@ -185,7 +194,7 @@ class LaplacePenalty(nn.Module):
                     f"the penalty's tensors stay {t.dtype}: move it with .to(device) only. It takes LoRA "
                     "weights of any float dtype; to store the factors in another dtype, convert the "
                     "curvature before building it: curvature.to(dtype=torch.bfloat16)")
-        for name in ("anchor_A", "anchor_B", "arena", "quad_C"):
+        for name in ("anchor_A", "anchor_B", "arena", "eigen", "quad_C"):
             if isinstance(getattr(self, name, None), Tensor):
                 setattr(self, name, fn(getattr(self, name)))
         for obj in self._structs():
@@ -237,10 +246,13 @@ class LaplacePenalty(nn.Module):
         D = torch.cat([d.reshape(-1) for d in dA] + [d.transpose(1, 2).reshape(-1) for d in dB])
         zero = self.anchor_A.new_zeros(())
         if self.variant == "wkfac":
-            G = torch.ops.lalora.grouped_gram(D, self.arena, self.classes, self.tile)[0]
+            G = self._gram(D)[0]
             return epilogues.wkfac(self.pairs, G, *epilogues.z_blocks(self.a_classes, self.b_classes, dA, dB), zero)
-        grad = torch.is_grad_enabled() and D.requires_grad
-        value, _ = torch.ops.lalora.grouped_gram_quad(D, self.arena, self.classes, self.tile, self.quad_C, grad)
+        if self.eigen is not None:          # low rank: the products, then the kfac weights on G
+            value = 0.5 * torch.dot(self.quad_C, self._gram(D)[0])
+        else:
+            grad = torch.is_grad_enabled() and D.requires_grad
+            value, _ = torch.ops.lalora.grouped_gram_quad(D, self.arena, self.classes, self.tile, self.quad_C, grad)
         if self.variant == "tri":
             value = value + epilogues.tri_cross(self.pairs, *epilogues.z_blocks(self.a_classes, self.b_classes,
                                                                                dA, dB), zero)
