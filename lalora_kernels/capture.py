@@ -63,7 +63,7 @@ class _Capture:
                  loss: ProxyLoss, sketch: Optional[LowRank] = None):
         self.model, self.refs, self.variant, self.loss, self.sketch = model, refs, variant, loss, sketch
         self.tile = tile if storage == "packed" else 0
-        self.omegas: dict[str, torch.Tensor] = {}        # sketch: each factor's test matrix
+        self.omegas: dict[str, tuple] = {}               # sketch: each factor's test-matrix shape
         self.traces: dict[str, torch.Tensor] = {}        # sketch: each factor's exact trace
         self.peak_bytes = 0                              # the accumulators' high-water mark
         p = refs[0].A
@@ -130,8 +130,7 @@ class _Capture:
             self.sums[key] = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.stream_of_key[key] = stream
             big = [t for k, t in self.sums.items() if k.startswith(("Sx/", "Sg/", "sketch:"))]
-            self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in
-                                                       (*big, *self.omegas.values())))
+            self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in big))
         elif self.stream_of_key[key] != stream:
             raise RuntimeError(f"{key} summed tokens of the {self.stream_of_key[key]} and then of the {stream}; "
                                "a LoRA layer must see the same stream in every batch")
@@ -140,13 +139,11 @@ class _Capture:
     def _cov(self, key: str, n: int, rows: torch.Tensor, weight: float, stream: str) -> None:
         """Sx/Sg += weight * rows^T rows, dense or tile-packed; a sketch adds weight * rows^T (rows Omega)
         and the exact trace instead."""
-        if self.sketch is not None:
-            if key not in self.omegas:
-                self.omegas[key] = omega(key, n, self.sketch.sketch_width(n), self.sketch.seed, self.dtype,
-                                         self.device)
+        if self.sketch is not None:           # Omega is drawn again at each use (never held): same seed
+            om = omega(key, n, self.sketch.sketch_width(n), self.sketch.seed, self.dtype, self.device)
+            self.omegas[key] = om.shape
             rows = rows.to(self.dtype)
-            self._acc(f"sketch:{key}", (n, self.omegas[key].shape[1]), stream).addmm_(
-                rows.T, rows @ self.omegas[key], alpha=weight)
+            self._acc(f"sketch:{key}", (n, om.shape[1]), stream).addmm_(rows.T, rows @ om, alpha=weight)
             tr = self._acc(f"trace:{key}", (), stream)
             tr.add_(rows.square().sum(), alpha=weight)
             return
@@ -239,9 +236,10 @@ class _Capture:
             lr = self.sketch
             for key in list(self.omegas):
                 kind, name = key.split("/", 1)
+                n, width = self.omegas[key]
                 tensors[key], tensors[f"{kind}E/{name}"] = lowrank_format.nystrom(
-                    tensors.pop(f"sketch:{key}"), self.omegas[key], float(tensors.pop(f"trace:{key}")), lr.rank,
-                    lr.energy)
+                    tensors.pop(f"sketch:{key}"), omega(key, n, width, lr.seed, self.dtype, self.device),
+                    float(tensors.pop(f"trace:{key}")), lr.rank, lr.energy)
         adapters = {}
         for r in self.refs:
             n = r.name
@@ -341,6 +339,12 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     generator = rank_generator(generator, refs[0].A.device) if fisher == "mc" else generator
     args = dict(variant=variant, fisher=fisher, mc_samples=mc_samples, progress=progress, tile=tile)
     if lowrank is None or lowrank.capture == "sketch":
+        if lowrank is not None and lowrank.budget is not None:
+            need = sum(nbytes for _, nbytes in _units(model, refs, it, inner, loss, lowrank, **args))
+            if need > lowrank.budget:
+                raise ValueError(f"capture='sketch' at rank {lowrank.rank} holds {need} bytes of sketches at once, "
+                                 f"more than budget={lowrank.budget}: lower the rank, raise the budget, or use "
+                                 "capture='exact' (one pass per chunk of layers)")
         curv, cap = _estimate(model, refs, it, inner, loss, generator, sketch=lowrank, **args)
         stats = {"passes": 1, "peak_factor_bytes": cap.peak_bytes}
     else:
@@ -381,6 +385,25 @@ def _estimate(model, refs, batches, storage, loss, generator, *, variant, fisher
     return cap.result(fisher, mc_samples), cap
 
 
+def _units(model, refs, batches, storage, loss, sketch: Optional[LowRank], **args) -> list[tuple[list[str], int]]:
+    """The layer groups (layers sharing an input, found by one forward of the first batch) and the
+    bytes of their big-factor accumulators: exact factors (``sketch`` None) or sketches."""
+    if iter(batches) is batches:
+        raise ValueError("a low-rank capture with a budget looks at the first batch before the pass: pass a list or "
+                         "a DataLoader, not an iterator")
+    probe = _Capture(model, refs, args["variant"], storage, args["tile"], loss)
+    groups = probe.probe_groups(next(iter(batches)))
+    itemsize = 8 if probe.dtype == torch.float64 else 4
+    shape = {r.name: r.shape for r in refs}
+    units = []
+    for leader in dict.fromkeys(groups.values()):
+        names = [r.name for r in refs if groups[r.name] == leader]
+        nbytes = accumulator_bytes(shape[leader][0], probe.tile, itemsize, sketch) + sum(
+            accumulator_bytes(shape[n][1], probe.tile, itemsize, sketch) for n in names)
+        units.append((names, nbytes))
+    return units
+
+
 def _estimate_chunked(model, refs, batches, storage, loss, generator, lowrank: LowRank, **args
                       ) -> tuple[LoRACurvature, dict]:
     """The exact low-rank capture: layer groups (those sharing an input together) in chunks whose
@@ -389,17 +412,7 @@ def _estimate_chunked(model, refs, batches, storage, loss, generator, lowrank: L
     if iter(batches) is batches:
         raise ValueError("capture='exact' reads the batches once per chunk of layers: pass a list or a DataLoader, "
                          "not an iterator (or use LowRank(capture='sketch'), one pass)")
-    probe = _Capture(model, refs, args["variant"], storage, args["tile"], loss)
-    groups = probe.probe_groups(next(iter(batches)))
-    itemsize = 8 if probe.dtype == torch.float64 else 4
-    tile = probe.tile
-    units = []
-    for leader in dict.fromkeys(groups.values()):
-        names = [r.name for r in refs if groups[r.name] == leader]
-        shape = {r.name: r.shape for r in refs}
-        nbytes = accumulator_bytes(shape[leader][0], tile, itemsize, None) + sum(
-            accumulator_bytes(shape[n][1], tile, itemsize, None) for n in names)
-        units.append((names, nbytes))
+    units = _units(model, refs, batches, storage, loss, None, **args)
     state = generator.get_state() if generator is not None else None
     parts, peak = [], 0
     for names in chunks(units, lowrank.budget):

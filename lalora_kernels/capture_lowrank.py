@@ -61,16 +61,16 @@ class LowRank:
 
 def omega(key: str, n: int, width: int, seed: int, dtype, device) -> torch.Tensor:
     """The sketch's test matrix of one factor: Gaussian, from a seed of the factor's name, so that
-    every rank and every batch uses the same one."""
+    every rank and every batch draws the same one (on the device, never stored)."""
     digest = int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:15], 16)
-    g = torch.Generator().manual_seed(digest)
-    return torch.randn(n, width, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(digest)
+    return torch.randn(n, width, generator=g, dtype=dtype, device=device)
 
 
 def accumulator_bytes(n: int, tile: int, itemsize: int, lowrank: Optional[LowRank]) -> int:
     """Bytes one factor's accumulator takes during capture."""
     if lowrank is not None and lowrank.capture == "sketch":
-        return 2 * n * lowrank.sketch_width(n) * itemsize          # Y and Omega
+        return n * lowrank.sketch_width(n) * itemsize               # Y (Omega is drawn again at each use)
     return (packed_numel(n, tile) if tile else n * n) * itemsize
 
 

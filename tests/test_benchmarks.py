@@ -76,3 +76,12 @@ def test_pytest_benchmarks_run(tmp_path):
                           str(ROOT / "benchmarks" / "test_cpu_micro.py")], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_lowrank_study_smoke(tmp_path):
+    """lowrank_study.py's memory, fidelity, speed and capture parts on tiny shapes."""
+    _run("lowrank_study.py", "--smoke", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "lowrank.json").read_text())
+    assert res["memory"][0]["k8_fp32_GB"] > 0 and res["fidelity"]["errors"] and res["fidelity"]["outcome"]
+    assert {r["storage"] for r in res["speed"]} >= {"dense (reference)", "packed (C++)"}
+    assert (tmp_path / "spectra.png").stat().st_size > 0

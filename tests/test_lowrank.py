@@ -167,3 +167,11 @@ def test_files_bf16_and_views(tmp_path):
     assert blocks["lora_A"]["input_cov"].shape == (low.adapters[name].in_features,) * 2
     sub = low.subset([name])
     assert set(sub.tensors) < set(low.tensors) and any(k.startswith("SgE/") for k in sub.tensors)
+
+
+def test_sketch_within_its_budget_and_refused_beyond():
+    need = _estimate(LowRank(rank=3, capture="sketch")).capture_stats["peak_factor_bytes"]
+    ok = _estimate(LowRank(rank=3, capture="sketch", budget=need))
+    assert ok.capture_stats["peak_factor_bytes"] <= need
+    with pytest.raises(ValueError, match="capture='sketch' at rank 3 holds .* more than budget"):
+        _estimate(LowRank(rank=3, capture="sketch", budget=need - 1))

@@ -103,11 +103,13 @@ def nystrom(Y: torch.Tensor, omega: torch.Tensor, trace: float, k: Optional[int]
     the tail from the trace."""
     n, dtype = Y.shape[0], Y.dtype
     Y, omega = Y.double(), omega.double()
-    nu = (n ** 0.5) * torch.finfo(torch.float64).eps * float(torch.linalg.matrix_norm(Y, ord=2))
+    # the shift covers the sketch's own rounding (it was summed in ``dtype``)
+    nu = (n ** 0.5) * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(Y, ord=2))
     Yn = Y + nu * omega
     C = omega.T @ Yn
-    L = torch.linalg.cholesky(0.5 * (C + C.T))
-    B = torch.linalg.solve_triangular(L, Yn.T, upper=False).T         # Yn L^{-T}
+    w, Vc = torch.linalg.eigh(0.5 * (C + C.T))
+    keep = w > w.max().clamp_min(0) * torch.finfo(dtype).eps * C.shape[0]      # C^{+1/2} on its range
+    B = Yn @ (Vc[:, keep] * w[keep].rsqrt())                          # B B^T = Yn C^+ Yn^T
     V, sig, _ = torch.linalg.svd(B, full_matrices=False)
     lam = (sig.square() - nu).clamp_min(0)
     kk = min(choose_k(lam, trace, k, energy, n), lam.numel())
