@@ -7,7 +7,8 @@ itself; LoRA r = 16 on all seven projections, B* drawn non-zero so that every fa
   forward+backward on the same batches and against the *floor*: that forward+backward plus the
   variant's factor updates alone (the same SYRKs on random rows, each distinct shape timed once and
   counted as often as it occurs), timed in the same run;
-* penalty: ``reg(model)`` forward+backward with dense fp32, packed fp32 and packed bf16 factors,
+* penalty: ``reg(model)`` forward+backward with dense fp32, packed fp32, packed bf16 and low-rank
+  (k = 256, bf16 U, one-pass sketch capture) factors,
   against one LoRA training step (AdamW, batch 8 x 1024, gradient checkpointing, no penalty);
 * memory: factor MiB per storage, and the peak of each phase (``torch.cuda.max_memory_allocated``);
 * curvlinops' ``KFACLinearOperator`` (empirical Fisher, expand) on the same LoRA weights and batches:
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, table  # noqa: E402
 
 import lalora_kernels  # noqa: E402
-from lalora_kernels import LaLoRARegularizer, estimate_curvature  # noqa: E402
+from lalora_kernels import LaLoRARegularizer, LowRank, estimate_curvature  # noqa: E402
 from lalora_kernels.reference.packed_format import packed_numel  # noqa: E402
 
 # hidden, MLP, heads, kv heads, layers, vocabulary (the models' own configs)
@@ -206,9 +207,12 @@ def penalty_rows(model, proxy, train, repeats) -> list[dict]:
     finally:
         opt.zero_grad(set_to_none=True)
         model.gradient_checkpointing_disable()
-    storages = (("packed", torch.bfloat16), ("packed", torch.float32), ("dense", torch.float32))
+    lowrank = LowRank(rank=256 if CUDA else 8, capture="sketch")     # smoke: the tiny model's factors are small
+    storages = (("packed", torch.bfloat16), ("packed", torch.float32), ("dense", torch.float32),
+                (lowrank, torch.bfloat16))
     for storage, dtype in storages:
-        row = {"phase": "penalty", "variant": "kfac", "storage": f"{storage} {str(dtype)[6:]}"}
+        label = storage if isinstance(storage, str) else f"lowrank k={storage.rank}"
+        row = {"phase": "penalty", "variant": "kfac", "storage": f"{label} {str(dtype)[6:]}"}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

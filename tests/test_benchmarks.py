@@ -64,9 +64,9 @@ def test_gpu_e2e_smoke(tmp_path):
     assert all(r["seconds"] > 0 and r["factor_MiB"] > 0 for r in capture.values())
     assert all(r["floor_s"] > 0 for v, r in capture.items() if v != "curvlinops KFAC")
     penalty = {r["storage"]: r for r in rows if r["phase"] == "penalty"}
-    assert set(penalty) == {"packed bfloat16", "packed float32", "dense float32"}
-    assert penalty["packed bfloat16"]["factor_MiB"] < penalty["packed float32"]["factor_MiB"] \
-        < penalty["dense float32"]["factor_MiB"]
+    assert set(penalty) == {"packed bfloat16", "packed float32", "dense float32", "lowrank k=8 bfloat16"}
+    assert penalty["lowrank k=8 bfloat16"]["factor_MiB"] < penalty["packed bfloat16"]["factor_MiB"] \
+        < penalty["packed float32"]["factor_MiB"] < penalty["dense float32"]["factor_MiB"]
     assert all(r["vs_step"] > 0 for r in penalty.values())
 
 

@@ -79,8 +79,10 @@ def test_bench_two_smallest_sizes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main(["bench", "--sizes", "tiny", "small", "--repeats", "1", "--no-peers", "--no-progress",
-              "--out", str(out)])
+              "--lowrank", "8", "--out", str(out)])
     res = json.loads((out / "bench.json").read_text())
+    low = [r for r in res["rows"] if r["backend"] == "lowrank k=8"]
+    assert len(low) == 2 and all(0 < r["factor_MiB"] < r["generic_kfac_MiB"] for r in low)
     rows = [r for r in res["rows"] if r["backend"] == "torch"]
     assert [r["size"] for r in rows] == ["tiny", "small"]
     assert rows[0]["params"] < rows[1]["params"]

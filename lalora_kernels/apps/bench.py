@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .. import _cpp
 from ..capture import estimate_curvature
+from ..capture_lowrank import LowRank
 from ..ops import HAS_TRITON
 from ..penalty import LaLoRARegularizer
 from .tiny import llama_lora, random_batches
@@ -105,7 +106,8 @@ def _peer_curvlinops(model, batches, repeats: int) -> Optional[dict]:
 
 
 def measure(size: str, *, layers: Optional[int], variant: str, device: str, backends: Sequence[str],
-            bsz: int = 4, seq: int = 128, n_batches: int = 2, repeats: int = 3, peers: bool = True) -> list[dict]:
+            bsz: int = 4, seq: int = 128, n_batches: int = 2, repeats: int = 3, peers: bool = True,
+            lowrank: Optional[int] = None) -> list[dict]:
     import os
     h, inter, heads, kv, n_layers = SIZES[size]
     n_layers = min(layers, n_layers) if layers else n_layers
@@ -122,17 +124,20 @@ def measure(size: str, *, layers: Optional[int], variant: str, device: str, back
         opt.step()
     t_step = _best(train_step, repeats)
     rows = []
-    for backend in backends:
+    runs = [(b, b, None) for b in backends]
+    if lowrank:                 # low-rank factors (one-pass sketch) on the default kernels
+        runs.append((f"lowrank k={lowrank}", "auto", LowRank(rank=lowrank, capture="sketch")))
+    for label, backend, storage in runs:
         os.environ["LALORA_BACKEND"] = backend
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            est = lambda: estimate_curvature(model, data, variant=variant, progress=False)  # noqa: E731
+            est = lambda: estimate_curvature(model, data, variant=variant, progress=False, storage=storage)  # noqa: E731
             t_est = _best(est, repeats)
             curv = est()
         reg = LaLoRARegularizer(curv, lam=1.0).to(device)
         t_pen = _best(lambda: reg(model).backward(), repeats)
         model.zero_grad(set_to_none=True)
-        rows.append({"size": size, "layers": n_layers, "hidden": h, "params": n_params, "backend": backend,
+        rows.append({"size": size, "layers": n_layers, "hidden": h, "params": n_params, "backend": label,
                      "variant": variant, "tokens": n_batches * bsz * seq,
                      "fwd_bwd_s": round(t_fb, 4), "proxy_s": round(t_est, 4),
                      "proxy_vs_fwd_bwd": round(t_est / t_fb, 3),
@@ -196,7 +201,8 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
 
 
 def run(sizes: Sequence[str] = DEFAULT_SIZES, layers: Optional[int] = None, variant: str = "kfac",
-        out: str = "lalora_bench_out", repeats: int = 3, peers: bool = True, progress: bool = True) -> dict:
+        out: str = "lalora_bench_out", repeats: int = 3, peers: bool = True, progress: bool = True,
+        lowrank: Optional[int] = None) -> dict:
     from tqdm.auto import tqdm
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -208,7 +214,7 @@ def run(sizes: Sequence[str] = DEFAULT_SIZES, layers: Optional[int] = None, vari
     rows = []
     for size in tqdm(sizes, desc="lalora bench", disable=not progress):
         rows += measure(size, layers=layers, variant=variant, device=device, backends=backends,
-                        repeats=repeats, peers=peers)
+                        repeats=repeats, peers=peers, lowrank=lowrank)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     fits = {k: slopes(rows, k) for k in ("proxy_s", "fwd_bwd_s", "penalty_ms", "factor_MiB")}

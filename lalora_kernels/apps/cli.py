@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     bench.add_argument("--variant", default="kfac", choices=["diag", "kfac", "tri", "wkfac"])
     bench.add_argument("--repeats", type=_positive, default=3)
     bench.add_argument("--no-peers", action="store_true", help="skip curvlinops even when installed")
+    bench.add_argument("--lowrank", type=_positive, help="add a row with low-rank factors of this rank (sketch capture)")
     bench.add_argument("--out", default="lalora_bench_out")
     bench.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
     if args.command == "bench":
         from .bench import DEFAULT_SIZES, run as bench_run
         bench_run(sizes=args.sizes or DEFAULT_SIZES, layers=args.layers, variant=args.variant, out=args.out,
-                  repeats=args.repeats, peers=not args.no_peers, progress=not args.no_progress)
+                  repeats=args.repeats, peers=not args.no_peers, progress=not args.no_progress, lowrank=args.lowrank)
     if args.command == "demo":
         from .demo import run
         setup = None
