@@ -150,7 +150,7 @@ def fidelity(ks, smoke) -> dict:
     spectra = {k: (torch.linalg.eigvalsh(exact["wkfac"].dense(k)).flip(0).clamp_min(0)
                    / exact["wkfac"].trace(k)).tolist()
                for k in exact["wkfac"].tensors if k.startswith(("Sx/", "Sg/"))}
-    outcome = demo_outcome(setup, model0, exact, ks[-2:] if not smoke else ks[-1:], smoke)
+    outcome = demo_outcome(setup, model0, exact, ks[-1:] if smoke else ks[-1:] + [64, "energy 0.99"], smoke)
     return {"errors": errors, "spectra": spectra, "outcome": outcome,
             "model": "the demo's pre-trained Llama (hidden 128, MLP 256, 2 layers), pissa LoRA r = 8"}
 
@@ -160,11 +160,16 @@ def demo_outcome(setup, model0, exact, ks, smoke) -> list[dict]:
     from lalora_kernels import LaLoRARegularizer
     from lalora_kernels.apps.demo import _finetune
     from lalora_kernels.apps.demo_tasks import accuracy
-    lams = (1.0, 10.0) if smoke else (1.0, 3.0, 10.0)
+    lams = (1.0, 10.0) if smoke else (1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
     rows = []
     for v, curv in exact.items():
         for k in [None] + list(ks):
-            c = curv if k is None else copy.deepcopy(curv).to_layout("lowrank", rank=k)
+            if k is None:
+                c = curv
+            elif k == "energy 0.99":
+                c = copy.deepcopy(curv).to_layout("lowrank", energy=0.99)
+            else:
+                c = copy.deepcopy(curv).to_layout("lowrank", rank=k)
             best = None
             for lam in lams:
                 model = copy.deepcopy(model0)
