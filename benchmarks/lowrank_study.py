@@ -49,6 +49,11 @@ def quiet(fn, *a, **kw):
 
 
 # ---- memory -----------------------------------------------------------------------------------------
+def gb(nbytes: float) -> float:
+    """GB (1e9 bytes) to four significant digits, so that the smoke run's kilobytes do not round to 0."""
+    return float(f"{nbytes / 1e9:.4g}")
+
+
 def memory(models, ks, smoke) -> list[dict]:
     from lalora_kernels.apps.tiny import llama_lora, random_batches
     rows = []
@@ -61,14 +66,14 @@ def memory(models, ks, smoke) -> list[dict]:
         kv_dim = shapes[1][1]
         # Sx: q/k/v share h, o reads h, gate/up share h, down reads inter; Sg: every projection's output
         dense = 4 * (3 * h * h + inter * inter + sum(o * o for _, o, *_ in shapes))
-        row = {"model": name, "layers": layers, "dense_fp32_GB": round(dense * layers / 1e9, 2),
-               "packed_bf16_GB": round(dense * layers / 2 / 2 / 1e9, 2)}
+        row = {"model": name, "layers": layers, "dense_fp32_GB": gb(dense * layers),
+               "packed_bf16_GB": gb(dense * layers / 2 / 2)}
         for k in ks:
             curv = quiet(estimate_curvature, model, data, variant="wkfac", progress=False,
                          storage=LowRank(rank=k, capture="sketch"))
-            row[f"k{k}_fp32_GB"] = round(curv.memory_bytes() * layers / 1e9, 3)
-            row[f"k{k}_bf16_GB"] = round(curv.to(dtype=torch.bfloat16).memory_bytes() * layers / 1e9, 3)
-            row[f"k{k}_sketch_peak_GB"] = round(curv.capture_stats["peak_factor_bytes"] * layers / 1e9, 2)
+            row[f"k{k}_fp32_GB"] = gb(curv.memory_bytes() * layers)
+            row[f"k{k}_bf16_GB"] = gb(curv.to(dtype=torch.bfloat16).memory_bytes() * layers)
+            row[f"k{k}_sketch_peak_GB"] = gb(curv.capture_stats["peak_factor_bytes"] * layers)
         wide = quiet(estimate_curvature, model, data, variant="wkfac", progress=False,
                      storage=LowRank(rank=min(1024, h), capture="sketch"))
         kept, nbytes = [], 0
@@ -79,7 +84,7 @@ def memory(models, ks, smoke) -> list[dict]:
                 k = int((torch.cumsum(lam, 0) < 0.99 * total).sum()) + 1
                 kept.append(min(k, U.shape[1]))
                 nbytes += U.shape[0] * min(k, U.shape[1]) * 4 + (k + 1) * 4
-        row["energy99_fp32_GB"] = round(nbytes * layers / 1e9, 3)
+        row["energy99_fp32_GB"] = gb(nbytes * layers)
         row["energy99_k"] = f"{min(kept)}-{max(kept)} (of a {wide.tensors[next(iter(wide.tensors))].shape[1]}-wide sketch)"
         from lalora_kernels.reference.packed_format import packed_numel
         groups = [(h, [h, kv_dim, kv_dim]), (h, [h]), (h, [inter, inter]), (inter, [h])]   # (Sx, its Sgs)

@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 
 from . import ops as lalora_ops
 from .curvature import FISHERS, AdapterInfo, LoRACurvature, check_layout, check_variant
-from .distributed import agree, all_reduce_sums, fingerprint, rank_generator
+from .distributed import agree, all_reduce_sums, fingerprint, rank_generator, same_batch_count
 from .capture_lowrank import LowRank, accumulator_bytes, chunks, omega
 from .gram_meta import GramMeta
 from .reference import lowrank_format
-from .lora_layers import LoRALayerRef, UncoveredParametersWarning, find_lora_layers, uncovered_trainable
+from .lora_layers import (LoRALayerRef, UncoveredParametersWarning, find_lora_layers, full, is_sharded,
+                          uncovered_trainable)
 from .proxy_loss import Prepared, ProxyLoss
 from .reference.packed_format import TILE, check_tile, packed_numel
 
@@ -40,8 +41,8 @@ class _Plan:
 
     def __init__(self, variant: str, refs: list[LoRALayerRef], groups: dict[str, str], dtype):
         self.variant, self.dtype = variant, dtype
-        self.A0 = {r.name: r.A.detach().clone() for r in refs}
-        self.B0 = {r.name: r.B.detach().clone() for r in refs}
+        self.A0 = {r.name: full(r.A.detach()).clone() for r in refs}      # FSDP2: gathered from the shards
+        self.B0 = {r.name: full(r.B.detach()).clone() for r in refs}
         a_live = {r.name: bool(self.A0[r.name].any()) for r in refs}
         b_live = {r.name: bool(self.B0[r.name].any()) for r in refs}
         kron = variant in ("kfac", "tri")
@@ -337,6 +338,9 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     loss = ProxyLoss(model, loss_fn)
     it = batches if max_batches is None else list(itertools.islice(batches, max_batches))
     generator = rank_generator(generator, refs[0].A.device) if fisher == "mc" else generator
+    if any(is_sharded(r.A) for r in refs):     # FSDP2: every forward and backward is a collective
+        it = list(it)
+        same_batch_count(len(it))
     args = dict(variant=variant, fisher=fisher, mc_samples=mc_samples, progress=progress, tile=tile)
     if lowrank is None or lowrank.capture == "sketch":
         if lowrank is not None and lowrank.budget is not None:

@@ -89,6 +89,19 @@ def agree(error: Optional[BaseException], mine: Optional[dict]) -> None:
         raise error
 
 
+def same_batch_count(count: int) -> None:
+    """Under FSDP every rank takes part in every forward and backward (the sharded weights are
+    gathered collectively): every rank must bring the same number of proxy batches, or all raise."""
+    rank, size = world()
+    if size == 1:
+        return
+    counts: list = [None] * size
+    dist.all_gather_object(counts, count)
+    if len(set(counts)) > 1:
+        raise ValueError(f"under FSDP every rank runs every proxy pass together, but the ranks hold {counts} batches: "
+                         "give each rank the same number of batches (max_batches=..., or split the data evenly)")
+
+
 def all_reduce_sums(sums: dict[str, torch.Tensor], tokens: dict[str, int], packed: Optional[dict[str, int]] = None,
                     tile: int = 0) -> dict[str, int]:
     """Sum every rank's accumulators in place and return the total token count per stream.

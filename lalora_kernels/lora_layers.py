@@ -49,15 +49,36 @@ class LoRALayerRef:
         return i, self.B.shape[0], r, self.scaling
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's sharded parameters)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+ZERO3_REFUSED = ("DeepSpeed ZeRO-3 partitions the LoRA weights (each rank holds a slice, and the parameters are "
+                 "empty outside the model's forward), which lalora_kernels does not support: use ZeRO stage 1 or 2, "
+                 "or FSDP2 (torch's fully_shard, or the Trainer's FSDP with fsdp_version 2), which shards the base "
+                 "model too")
+
+
+def is_zero3_partitioned(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a parameter DeepSpeed ZeRO-3 has partitioned (it carries ``ds_id``/``ds_status``)."""
+    return hasattr(t, "ds_id") and hasattr(t, "ds_status")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) parameter, gathered; a plain tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
 class UncoveredParametersWarning(UserWarning):
     """Trainable tensors outside LoRA's A and B (``modules_to_save``, LoRA biases) get no penalty."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP's (``module``) and torch.compile's (``_orig_mod``) wrappers."""
+    """The model inside DDP's and DeepSpeed's (``module``) and torch.compile's (``_orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "module", None) if type(model).__name__ == "DistributedDataParallel" else \
-            getattr(model, "_orig_mod", None)
+        wrapper = type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine")
+        inner = getattr(model, "module", None) if wrapper else getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -104,6 +125,8 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayerRef]:
                              "exists with model.set_adapter(name)")
         raise ValueError("the model has no peft LoRA layers; wrap it with peft.get_peft_model(model, "
                          "LoraConfig(target_modules=[...])) first")
+    if any(is_zero3_partitioned(t) for r in refs for t in (r.A, r.B)):
+        raise NotImplementedError(ZERO3_REFUSED)
     names = {r.adapter for r in refs}
     if len(names) > 1:
         raise ValueError(f"LoRA layers run different adapters {sorted(names)}; exactly one must be active: call "

@@ -82,6 +82,8 @@ def test_lowrank_study_smoke(tmp_path):
     """lowrank_study.py's memory, fidelity, speed and capture parts on tiny shapes."""
     _run("lowrank_study.py", "--smoke", "--out", str(tmp_path))
     res = json.loads((tmp_path / "lowrank.json").read_text())
-    assert res["memory"][0]["k8_fp32_GB"] > 0 and res["fidelity"]["errors"] and res["fidelity"]["outcome"]
+    mem = res["memory"][0]
+    assert 0 < mem["k8_bf16_GB"] < mem["k8_fp32_GB"] < mem["dense_fp32_GB"]
+    assert res["fidelity"]["errors"] and res["fidelity"]["outcome"]
     assert {r["storage"] for r in res["speed"]} >= {"dense (reference)", "packed (C++)"}
     assert (tmp_path / "spectra.png").stat().st_size > 0

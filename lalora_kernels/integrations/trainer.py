@@ -21,6 +21,7 @@ import torch
 
 from ..capture import estimate_curvature
 from ..curvature import LoRACurvature
+from ..lora_layers import ZERO3_REFUSED
 from ..penalty import LaLoRARegularizer
 
 CURVATURE_FILE = "lalora_curvature.safetensors"
@@ -43,6 +44,10 @@ class LaLoRATrainerMixin:
                  lalora_max_batches: Optional[int] = 8, lalora_shard_factors: bool = False,
                  lalora_allow_missing_curvature: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_deepspeed_enabled", False):
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+            if is_deepspeed_zero3_enabled():       # refused before a capture is spent on it
+                raise NotImplementedError(ZERO3_REFUSED)
         if lalora_curvature is None:
             if lalora_source is None:
                 raise ValueError("pass lalora_curvature (a LoRACurvature) or lalora_source (source data to "

@@ -12,8 +12,23 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import LoRACurvature
-from ..lora_layers import UncoveredParametersWarning, find_lora_layers, uncovered_trainable
+from ..lora_layers import UncoveredParametersWarning, find_lora_layers, is_sharded, uncovered_trainable
 from .module import LaplacePenalty
+
+
+class _Attach(torch.autograd.Function):
+    """``value`` whose gradient in each of ``params`` is the given (sharded) tensor times the
+    incoming gradient: how a penalty evaluated on gathered copies hands its gradient to the shards."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *params):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, dv):
+        scale = float(dv)
+        return (None, None, *[g * scale for g in ctx.grads])
 
 
 class LaLoRARegularizer(nn.Module):
@@ -26,10 +41,12 @@ class LaLoRARegularizer(nn.Module):
     (alone, it is the L2-to-anchor baseline); normalize: 'mean_diag' divides F by its mean diagonal
     c so that lam means the same across models and data (SPEC section 6), None uses F as estimated.
 
-    shard_factors: under torch.distributed with DDP-averaged gradients, each rank keeps only the
-    factors of its share of the adapters (balanced by bytes) and returns ``world_size`` times its
-    share of the penalty, so that DDP's gradient average yields exactly the full penalty's gradient.
-    ``full_value(v)`` turns such a returned value into the whole penalty (for logging).
+    shard_factors: under torch.distributed, each rank keeps only the factors of its share of the
+    adapters (balanced by bytes). Under DDP it returns ``world_size`` times its share of the penalty,
+    so that DDP's gradient average yields exactly the full penalty's gradient; under FSDP2 (LoRA
+    weights sharded as DTensors) it returns its share and the gradient is summed over ranks.
+    ``full_value(v)`` turns such a returned value into the whole penalty (for logging). Under FSDP2
+    without sharded factors every rank computes the whole penalty on the gathered weights.
     """
 
     def __init__(self, curvature: Union[LoRACurvature, Mapping[str, LoRACurvature]], lam: float,
@@ -54,6 +71,8 @@ class LaLoRARegularizer(nn.Module):
                 self.penalties[name] = LaplacePenalty(curv, lam, prior_precision, normalize)
         if self.sharded:
             self.scale = size
+        self._fsdp = False                      # set on the first call with FSDP2-sharded weights
+        self._all: list = []                    # every LoRA layer of the model last bound
         self._bound: dict[str, tuple] = {}     # adapter -> (weakref to the model, refs, A, B) as last checked
         self._warned = False
 
@@ -103,6 +122,7 @@ class LaLoRARegularizer(nn.Module):
                               "modules_to_save, lora_bias=False) or regularise them yourself.",
                               UncoveredParametersWarning, stacklevel=3)
             self._warned = True
+        self._all = found
         refs = {r.name: r for r in found}
         layers = {n: r.shape for n, r in refs.items()}
         curv, pen = self.curvatures[name], self.penalties[name] if name in self.penalties else None
@@ -117,10 +137,45 @@ class LaLoRARegularizer(nn.Module):
 
     def forward(self, model: nn.Module) -> Tensor:
         name, A, B = self._weights(model)
+        if self._all and is_sharded(self._all[0].A):      # FSDP2: the LoRA weights are sharded DTensors
+            self._fsdp = True
+            return self._fsdp_forward(name)
         if name not in self.penalties:      # a rank with no share of the adapters
             return next(model.parameters()).new_zeros((), dtype=torch.float32)
         value = self.penalties[name](A, B)
         return value * self.scale if self.sharded else value
+
+    def _fsdp_forward(self, name: str) -> Tensor:
+        """The penalty on FSDP2-sharded LoRA weights. Every rank gathers every LoRA weight (the same
+        collectives in the same order on all ranks), evaluates the whole penalty (or its share, with
+        ``shard_factors``) and its gradient on the gathered copies, sums the shares' gradients across
+        ranks, and attaches to each local shard its slice of the whole gradient: every parameter's
+        gradient counts once, whatever FSDP does with the task loss's. Returns the penalty (its
+        share with ``shard_factors``: ``full_value`` sums them)."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import distribute_tensor
+        params = [t for r in self._all for t in (r.A, r.B)]
+        gathered = [p.full_tensor().detach().requires_grad_() for p in params]
+        by_name = {r.name: 2 * k for k, r in enumerate(self._all)}
+        pen = self.penalties[name] if name in self.penalties else None
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        with torch.enable_grad():
+            if pen is None:
+                value = gathered[0].new_zeros((), dtype=torch.float32)
+                grads = [torch.zeros_like(g) for g in gathered]
+            else:
+                value = pen([gathered[by_name[n]] for n in pen.names], [gathered[by_name[n] + 1] for n in pen.names])
+                grads = torch.autograd.grad(value, gathered, allow_unused=True) if grad else [None] * len(gathered)
+                grads = [torch.zeros_like(g) if d is None else d for g, d in zip(gathered, grads)]
+        if not grad:
+            return value.detach()
+        if self.sharded:                    # the shares' gradients, summed: one collective
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            grads = list(torch.split(flat, [g.numel() for g in grads]))
+        sliced = [distribute_tensor(g.reshape(p.shape).to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                  for g, p in zip(grads, params)]
+        return _Attach.apply(value.detach(), sliced, *params)
 
     reg = forward
 
@@ -129,7 +184,7 @@ class LaLoRARegularizer(nn.Module):
         if not self.sharded:
             return float(value.detach())
         import torch.distributed as dist
-        v = (value.detach() / self.scale).reshape(1).to(torch.float64)
+        v = (value.detach() / (1 if self._fsdp else self.scale)).reshape(1).to(torch.float64)
         if dist.get_backend() == "nccl":
             v = v.cuda()
         dist.all_reduce(v)
