@@ -13,7 +13,7 @@ CONSTRAINTS ?= $(if $(TORCH),constraints.txt)
 PIPC := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench peers
+.PHONY: setup demo test bench peers experiment
 setup: $(VENV)/.installed
 
 # --no-build-isolation: setup.py builds the C++ CPU kernels (lalora_kernels._C, from csrc/) against
@@ -29,6 +29,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h) $(CO
 
 demo: setup
 	$(BIN)/lalora demo
+
+# LaLoRA against the anti-forgetting methods peft users can pick, on Python's documentation (~65 min)
+experiment: setup
+	$(BIN)/lalora experiment --out lalora_experiment_out
 
 # The suite runs on the default backends (C++ and packed factors on CPU), then the tests that
 # exercise the ops, penalty and capture again on the pure-PyTorch reference (dense factors), then

@@ -13,63 +13,51 @@ Run: python benchmarks/bench_fsdp_cpu.py [--layers 8 --hidden 2048 --inter 8192]
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, report  # noqa: E402
+from common import interleaved_medians, on_gloo_ranks, report  # noqa: E402
 
 
-def _worker(rank, world, init_file, args, queue):
+def _rows(rank, world, args):
     from torch.distributed.fsdp import fully_shard
 
     from lalora_kernels import LaLoRARegularizer, estimate_curvature
     from lalora_kernels.apps.tiny import llama_lora, random_batches
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = llama_lora(hidden=args.hidden, inter=args.inter, layers=args.layers, heads=args.heads,
-                           kv_heads=args.kv_heads, vocab=256, r=args.r, alpha=2 * args.r, nonzero_b=0.02)
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            curv = estimate_curvature(model, random_batches(1, 2, args.seq, 256, seed=rank), variant="kfac",
-                                      storage="packed", progress=False)
-        capture_s = time.perf_counter() - t0
-        curv = curv.to(dtype=torch.bfloat16)
-        regs = {mode: LaLoRARegularizer(curv, lam=1.0, shard_factors=mode == "sharded")
-                for mode in ("replicated", "sharded")}
-        del curv
+    model = llama_lora(hidden=args.hidden, inter=args.inter, layers=args.layers, heads=args.heads,
+                       kv_heads=args.kv_heads, vocab=256, r=args.r, alpha=2 * args.r, nonzero_b=0.02)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        curv = estimate_curvature(model, random_batches(1, 2, args.seq, 256, seed=rank), variant="kfac",
+                                  storage="packed", progress=False)
+    capture_s = time.perf_counter() - t0
+    curv = curv.to(dtype=torch.bfloat16)
+    regs = {mode: LaLoRARegularizer(curv, lam=1.0, shard_factors=mode == "sharded")
+            for mode in ("replicated", "sharded")}
+    del curv
 
-        def step(reg):
-            return lambda: reg(model).backward()
-        times = interleaved_medians([step(reg) for reg in regs.values()], 0.0, min_rounds=args.rounds,
-                                    max_rounds=args.rounds)
-        rows = []
-        for (mode, reg), t in zip(regs.items(), times):
-            held = reg.penalty.memory_bytes() if reg.penalty is not None else 0
-            rows.append({"mode": mode, "rank": rank, "adapters": len(reg.penalty.names) if reg.penalty else 0,
-                         "factor_MiB": round(held / 2**20, 1), "penalty_ms": round(1e3 * t, 1),
-                         "capture_s": round(capture_s, 1),
-                         "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        if rank == 0:
-            queue.put([r for rs in gathered for r in rs])
-    finally:
-        dist.destroy_process_group()
+    def step(reg):
+        return lambda: reg(model).backward()
+    times = interleaved_medians([step(reg) for reg in regs.values()], 0.0, min_rounds=args.rounds,
+                                max_rounds=args.rounds)
+    rows = []
+    for (mode, reg), t in zip(regs.items(), times):
+        held = reg.penalty.memory_bytes() if reg.penalty is not None else 0
+        rows.append({"mode": mode, "rank": rank, "adapters": len(reg.penalty.names) if reg.penalty else 0,
+                     "factor_MiB": round(held / 2**20, 1), "penalty_ms": round(1e3 * t, 1),
+                     "capture_s": round(capture_s, 1),
+                     "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
+    return rows
 
 
 def main():
@@ -84,11 +72,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", help="results folder (default benchmarks/results)")
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), args, queue), nprocs=2, join=True)
-    rows = sorted(queue.get(), key=lambda r: (r["mode"], r["rank"]))
+    rows = on_gloo_ranks(_rows, args)
     report("cpu_fsdp.json", rows, out=args.out, config=vars(args),
            what="FSDP2, 2 gloo ranks, one thread each: per-rank penalty forward+backward (median of fixed "
                 "rounds, the two modes in alternation), bf16 packed factor bytes held, capture time, peak RSS")

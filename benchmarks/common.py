@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,3 +76,27 @@ def table(rows: list[dict], cols: list[str]) -> str:
     line = lambda vals: "| " + " | ".join(f"{v}".rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *(line([r[c] for c in cols]) for r in rows)])
+
+
+def _gloo_worker(rank, world, init_file, fn, args, queue):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = fn(rank, world, args)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        if rank == 0:
+            queue.put([r for rs in gathered for r in rs])
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_ranks(fn, args, world: int = 2) -> list[dict]:
+    """Every rank's rows of ``fn(rank, world, args)``, run in ``world`` spawned gloo processes with one
+    thread each; sorted by (mode, rank). ``fn`` must be importable (module level)."""
+    import torch.multiprocessing as mp
+    queue = mp.get_context("spawn").Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_worker, args=(world, os.path.join(tmp, "init"), fn, args, queue), nprocs=world, join=True)
+    return sorted(queue.get(), key=lambda r: (r["mode"], r["rank"]))

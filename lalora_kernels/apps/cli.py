@@ -42,6 +42,15 @@ def main(argv=None) -> None:
     bench.add_argument("--lowrank", type=_positive, help="add a row with low-rank factors of this rank (sketch capture)")
     bench.add_argument("--out", default="lalora_bench_out")
     bench.add_argument("--no-progress", action="store_true")
+    exp = sub.add_parser("experiment", help="LaLoRA against the anti-forgetting methods peft users can pick, "
+                         "on Python's documentation (about 70 minutes on 2 CPU cores; --quick: about 2)")
+    exp.add_argument("--quick", action="store_true", help="a few runs of every method and sweep (a smoke test)")
+    exp.add_argument("--budget-minutes", type=float, default=85.0,
+                     help="runs left when this is spent are recorded as skipped")
+    exp.add_argument("--out", default="lalora_experiment_out")
+    exp.add_argument("--resume", action="store_true",
+                     help="keep the finished runs of --out's results.json and run only the others")
+    exp.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     # peft reads a property that transformers 5 deprecated; it is not ours to fix and not news to a user
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -49,6 +58,10 @@ def main(argv=None) -> None:
         from .bench import DEFAULT_SIZES, run as bench_run
         bench_run(sizes=args.sizes or DEFAULT_SIZES, layers=args.layers, variant=args.variant, out=args.out,
                   repeats=args.repeats, peers=not args.no_peers, progress=not args.no_progress, lowrank=args.lowrank)
+    if args.command == "experiment":
+        from .experiment.suite import run as experiment_run
+        experiment_run(out=args.out, quick=args.quick, budget_minutes=args.budget_minutes,
+                       progress=not args.no_progress, resume=args.resume)
     if args.command == "demo":
         from .demo import run
         setup = None
