@@ -24,8 +24,7 @@ from .distributed import agree, all_reduce_sums, fingerprint, rank_generator, sa
 from .capture_lowrank import LowRank, accumulator_bytes, chunks, omega
 from .gram_meta import GramMeta
 from .reference import lowrank_format
-from .lora_layers import (LoRALayerRef, UncoveredParametersWarning, find_lora_layers, full, is_sharded,
-                          uncovered_trainable)
+from .lora_layers import LoRALayerRef, find_lora_layers, full, is_sharded, warn_uncovered
 from .proxy_loss import Prepared, ProxyLoss
 from .reference.packed_format import TILE, check_tile, packed_numel
 
@@ -356,12 +355,7 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     zero_b = [n for n in curv.adapters if variant != "wkfac" and not bool(curv.get("B0", n).any())]
     if zero_b:
         _warn_degenerate(variant, zero_b, len(refs))
-    others = uncovered_trainable(model, refs)
-    if others:
-        warnings.warn(f"{len(others)} trainable tensors are not LoRA A/B weights, so the curvature does not cover "
-                      f"them and the penalty leaves them free: {others[:6]}{' ...' if len(others) > 6 else ''}. "
-                      "Freeze them (no modules_to_save, lora_bias=False) or regularise them yourself.",
-                      UncoveredParametersWarning, stacklevel=2)
+    warn_uncovered(model, refs)
     curv.capture_stats = stats
     return curv
 

@@ -1,6 +1,9 @@
 """Finding the LoRA layers of a peft model and reading their weights."""
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -139,3 +142,24 @@ def uncovered_trainable(model: nn.Module, refs: list[LoRALayerRef]) -> list[str]
     and so the penalty, does not cover (LoRA biases, ``modules_to_save``, ...)."""
     covered = {id(t) for r in refs for t in (r.A, r.B)}
     return [n for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in covered]
+
+
+def _outside(*roots: str) -> int:
+    """The ``stacklevel`` of the first frame (from ``warnings.warn``'s caller's caller) whose file is
+    under none of ``roots``: the user's line, however many library frames stand between."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_uncovered(model: nn.Module, refs: list[LoRALayerRef]) -> None:
+    """``UncoveredParametersWarning`` naming what ``uncovered_trainable`` finds, if anything, pointed
+    at the user's line (outside lalora_kernels and ``torch.nn``'s module call)."""
+    others = uncovered_trainable(model, refs)
+    if others:
+        here = os.path.dirname(os.path.abspath(__file__))
+        warnings.warn(f"{len(others)} trainable tensors are not LoRA A/B weights, so the curvature does not cover "
+                      f"them and the penalty leaves them free: {others[:6]}{' ...' if len(others) > 6 else ''}. "
+                      "Freeze them (no modules_to_save, lora_bias=False) or regularise them yourself.",
+                      UncoveredParametersWarning, stacklevel=_outside(here, os.path.dirname(nn.modules.__file__)))

@@ -118,6 +118,21 @@ def closed_sum(variant, p, lam, delta, dtype=torch.float64):
     return total, gA, gB
 
 
+def closed_sum_on_model(curv, refs, variant, lam, delta=0.0, dtype=None):
+    """The same oracle on a model: value and per-adapter (gA, gB) at its live LoRA weights ``refs``,
+    from the factors ``curv`` holds, computed in ``dtype`` (None: the factors' own)."""
+    c = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    total, grads = 0.0, []
+    for r in refs:
+        n, a = r.name, curv.adapters[r.name]
+        kw = {k: c(curv.get(k, n)) for k in ("Caa", "Cbb", "Ka", "Kb", "FA", "FB")}
+        v, gA, gB = penalty_closed_form(variant, c(r.A.detach()), c(r.B.detach()), c(curv.get("A0", n)),
+                                        c(curv.get("B0", n)), scaling=a.scaling, lam=lam, delta=delta,
+                                        Sx=c(curv.sx(n)), Sg=c(curv.dense(f"Sg/{n}")), **kw)
+        total, grads = total + v, grads + [(gA, gB)]
+    return total, grads
+
+
 def fused(variant, p, lam, delta, **kw):
     """``fused_laplace_penalty`` on the problem (the A blocks SPEC section 5 proves zero left out)."""
     skip = [variant in ("kfac", "tri") and not b.any() for b in p["B0"]]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from bruteforce import base_factors
 from peft import LoraConfig, get_peft_model
+from problems import closed_sum_on_model
 
 from lalora_kernels import LaLoRARegularizer, LaplacePenalty, UncoveredParametersWarning, estimate_curvature
 from lalora_kernels.lora_layers import find_lora_layers
@@ -139,7 +140,6 @@ def test_each_family_s_curvature_is_its_own_loss_s(family):
 
 @pytest.mark.parametrize("variant", ["diag", "kfac", "tri", "wkfac"])
 def test_every_variant_runs_on_gpt2_and_its_penalty_is_the_closed_form(variant, backend):
-    from lalora_kernels.reference.closed_form import penalty_closed_form
     model, data, *_ = gpt2()
     model.float()
     with warnings.catch_warnings():
@@ -152,14 +152,7 @@ def test_every_variant_runs_on_gpt2_and_its_penalty_is_the_closed_form(variant, 
             r.A.add_(0.1 * torch.randn_like(r.A))
             r.B.add_(0.1 * torch.randn_like(r.B))
     value = reg(model)
-    total = 0.0
-    for r in refs:
-        n, a = r.name, curv.adapters[r.name]
-        f64 = lambda t: None if t is None else t.double()  # noqa: E731
-        kw = {k: f64(curv.get(k, n)) for k in ("Caa", "Cbb", "Ka", "Kb", "FA", "FB")}
-        total = total + penalty_closed_form(variant, r.A.detach().double(), r.B.detach().double(),
-                                            f64(curv.get("A0", n)), f64(curv.get("B0", n)), scaling=a.scaling,
-                                            lam=1.0, Sx=f64(curv.sx(n)), Sg=f64(curv.dense(f"Sg/{n}")), **kw)[0]
+    total, _ = closed_sum_on_model(curv, refs, variant, lam=1.0, dtype=torch.float64)
     torch.testing.assert_close(value.double(), torch.as_tensor(total).double(), rtol=1e-4, atol=1e-7)
 
 
@@ -247,10 +240,13 @@ def test_trainable_tensors_outside_lora_are_named(extra):
     from problems import batches, tiny_llama
     base = tiny_llama().get_base_model()
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], **extra))
-    with pytest.warns(UncoveredParametersWarning, match="trainable tensors are not LoRA A/B weights"):
+    with pytest.warns(UncoveredParametersWarning, match="trainable tensors are not LoRA A/B weights") as got:
         curv = estimate_curvature(model, batches(), variant="wkfac", progress=False)
-    with pytest.warns(UncoveredParametersWarning, match="lora_B.default.bias|modules_to_save"):
+    with pytest.warns(UncoveredParametersWarning, match="lora_B.default.bias|modules_to_save") as again:
         LaLoRARegularizer(curv, lam=1.0)(model)
+    # both point at the user's line, not at lalora_kernels' internals
+    for rec in (got, again):
+        assert {w.filename for w in rec if w.category is UncoveredParametersWarning} == {__file__}
 
 
 def test_unknown_family_is_refused_and_loss_fn_runs_it():

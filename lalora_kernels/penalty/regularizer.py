@@ -3,7 +3,6 @@ the model's live weights and the DDP sharding) and ``fused_laplace_penalty`` (th
 form for front ends that keep their own curvature)."""
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Optional, Sequence, Union
@@ -12,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import LoRACurvature
-from ..lora_layers import UncoveredParametersWarning, find_lora_layers, is_sharded, uncovered_trainable
+from ..lora_layers import find_lora_layers, is_sharded, warn_uncovered
 from .module import LaplacePenalty
 
 
@@ -115,12 +114,7 @@ class LaLoRARegularizer(nn.Module):
         found = find_lora_layers(model)
         name = self._adapter(found)
         if not self._warned:
-            others = uncovered_trainable(model, found)
-            if others:
-                warnings.warn(f"{len(others)} trainable tensors are not LoRA A/B weights, so the penalty leaves them "
-                              f"free: {others[:6]}{' ...' if len(others) > 6 else ''}. Freeze them (no "
-                              "modules_to_save, lora_bias=False) or regularise them yourself.",
-                              UncoveredParametersWarning, stacklevel=3)
+            warn_uncovered(model, found)
             self._warned = True
         self._all = found
         refs = {r.name: r for r in found}
