@@ -24,11 +24,19 @@ from .distributed import agree, all_reduce_sums, fingerprint, rank_generator, sa
 from .capture_lowrank import LowRank, accumulator_bytes, chunks, omega
 from .gram_meta import GramMeta
 from .reference import lowrank_format
-from .lora_layers import LoRALayerRef, find_lora_layers, full, is_sharded, warn_uncovered
+from .lora_layers import (LoRALayerRef, find_lora_layers, full, is_partitioned, is_zero3_partitioned, unwrap,
+                          warn_uncovered)
 from .proxy_loss import Prepared, ProxyLoss
 from .reference.packed_format import TILE, check_tile, packed_numel
 
 ops = torch.ops.lalora
+
+
+ZERO3_OUTSIDE_ENGINE = (
+    "the model's LoRA weights are partitioned by DeepSpeed ZeRO-3 (built under deepspeed.zero.Init, e.g. "
+    "from_pretrained with a ZeRO-3 config active) but the model is not inside a DeepSpeed engine, so its forward "
+    "cannot gather them: pass the engine from deepspeed.initialize (estimate_curvature(engine, ...)), or build "
+    "the model without zero.Init")
 
 
 class DegenerateCurvatureWarning(UserWarning):
@@ -40,8 +48,8 @@ class _Plan:
 
     def __init__(self, variant: str, refs: list[LoRALayerRef], groups: dict[str, str], dtype):
         self.variant, self.dtype = variant, dtype
-        self.A0 = {r.name: full(r.A.detach()).clone() for r in refs}      # FSDP2: gathered from the shards
-        self.B0 = {r.name: full(r.B.detach()).clone() for r in refs}
+        self.A0 = {r.name: full(r.A).detach().clone() for r in refs}      # FSDP2, ZeRO-3: gathered
+        self.B0 = {r.name: full(r.B).detach().clone() for r in refs}
         a_live = {r.name: bool(self.A0[r.name].any()) for r in refs}
         b_live = {r.name: bool(self.B0[r.name].any()) for r in refs}
         kron = variant in ("kfac", "tri")
@@ -85,7 +93,8 @@ class _Capture:
         modes = {m: m.training for m in model.modules()}
         grads = {p: p.grad for p in model.parameters()}
         lora_params = [t for r in self.refs for t in (r.A, r.B)]
-        req = [t.requires_grad for t in lora_params]
+        zero3 = is_zero3_partitioned(lora_params[0])
+        req = {p: p.requires_grad for p in (model.parameters() if zero3 else lora_params)}
         try:
             model.eval()
             for m in model.modules():   # keep HF gradient checkpointing active, dropout off
@@ -93,8 +102,16 @@ class _Capture:
                     m.training = True
             for p in model.parameters():
                 p.grad = None
+            if zero3:
+                # DeepSpeed reduces every gradient that reaches a ZeRO-3 parameter into the optimizer's
+                # partitions, where the next step would take it: the proxy backward reaches none. The
+                # LoRA layers' outputs get their gradient through the input embeddings' output instead.
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                emb = unwrap(model).get_input_embeddings()
+                self.handles.append(emb.register_forward_hook(lambda m, args, out: out.requires_grad_()))
             for t in lora_params:
-                t.requires_grad_(True)
+                t.requires_grad_(not zero3)
             for r in self.refs:
                 self.handles.append(r.module.register_forward_hook(self._forward_hook(r)))
             yield self
@@ -102,7 +119,7 @@ class _Capture:
             for h in self.handles:
                 h.remove()
             self.handles.clear()
-            for t, flag in zip(lora_params, req):
+            for t, flag in req.items():
                 t.requires_grad_(flag)
             for p, g in grads.items():
                 p.grad = g
@@ -337,7 +354,9 @@ def estimate_curvature(model: nn.Module, batches: Iterable, variant: str = "kfac
     loss = ProxyLoss(model, loss_fn)
     it = batches if max_batches is None else list(itertools.islice(batches, max_batches))
     generator = rank_generator(generator, refs[0].A.device) if fisher == "mc" else generator
-    if any(is_sharded(r.A) for r in refs):     # FSDP2: every forward and backward is a collective
+    if is_zero3_partitioned(refs[0].A) and not hasattr(refs[0].module, "ds_id"):
+        raise ValueError(ZERO3_OUTSIDE_ENGINE)
+    if any(is_partitioned(r.A) for r in refs):     # FSDP2, ZeRO-3: every forward and backward is a collective
         it = list(it)
         same_batch_count(len(it))
     args = dict(variant=variant, fisher=fisher, mc_samples=mc_samples, progress=progress, tile=tile)

@@ -120,7 +120,8 @@ def load(cls, path, device="cpu", adapters=None, layout: Optional[str] = None, t
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"load(device={str(device)!r}) but CUDA is not available here; load on 'cpu'")
     try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
+        # safetensors takes 'cpu' but not 'cpu:0' (what accelerate's FSDP sets as the Trainer's device)
+        with safe_open(path, framework="pt", device="cpu" if device.type == "cpu" else str(device)) as f:
             meta = read_meta(path, f)
             infos = read_adapters(path, meta.pop("adapters"))
             meta.pop("format", None)

@@ -1,6 +1,7 @@
 """Finding the LoRA layers of a peft model and reading their weights."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -48,8 +49,8 @@ class LoRALayerRef:
     @property
     def shape(self) -> tuple[int, int, int, float]:
         """(in_features, out_features, rank, scaling)."""
-        r, i = self.A.shape
-        return i, self.B.shape[0], r, self.scaling
+        r, i = whole_shape(self.A)
+        return i, whole_shape(self.B)[0], r, self.scaling
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -57,20 +58,40 @@ def is_sharded(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
 
 
-ZERO3_REFUSED = ("DeepSpeed ZeRO-3 partitions the LoRA weights (each rank holds a slice, and the parameters are "
-                 "empty outside the model's forward), which lalora_kernels does not support: use ZeRO stage 1 or 2, "
-                 "or FSDP2 (torch's fully_shard, or the Trainer's FSDP with fsdp_version 2), which shards the base "
-                 "model too")
-
-
 def is_zero3_partitioned(t: torch.Tensor) -> bool:
     """Whether ``t`` is a parameter DeepSpeed ZeRO-3 has partitioned (it carries ``ds_id``/``ds_status``)."""
     return hasattr(t, "ds_id") and hasattr(t, "ds_status")
 
 
+def is_partitioned(t: torch.Tensor) -> bool:
+    """Whether ``t`` is split across ranks: an FSDP2 DTensor or a ZeRO-3 parameter."""
+    return is_sharded(t) or is_zero3_partitioned(t)
+
+
+def whole_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole parameter: ZeRO-3 keeps it in ``ds_shape`` (``t`` itself is empty
+    outside the forward); a DTensor reports it as its shape."""
+    return tuple(t.ds_shape) if is_zero3_partitioned(t) else tuple(t.shape)
+
+
+@contextlib.contextmanager
+def gathered_zero3(params: list[torch.Tensor]):
+    """ZeRO-3 parameters whole for the duration (a collective: every rank enters with the same list,
+    in the same order). Read-only: what is written into them inside is lost."""
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded (DTensor) parameter, gathered; a plain tensor as it is."""
-    return t.full_tensor() if is_sharded(t) else t
+    """The whole tensor of a sharded (DTensor) or ZeRO-3 parameter, gathered (a collective); a plain
+    tensor as it is."""
+    if is_sharded(t):
+        return t.full_tensor()
+    if is_zero3_partitioned(t):
+        with gathered_zero3([t]):
+            return t.detach().clone()
+    return t
 
 
 class UncoveredParametersWarning(UserWarning):
@@ -128,8 +149,6 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayerRef]:
                              "exists with model.set_adapter(name)")
         raise ValueError("the model has no peft LoRA layers; wrap it with peft.get_peft_model(model, "
                          "LoraConfig(target_modules=[...])) first")
-    if any(is_zero3_partitioned(t) for r in refs for t in (r.A, r.B)):
-        raise NotImplementedError(ZERO3_REFUSED)
     names = {r.adapter for r in refs}
     if len(names) > 1:
         raise ValueError(f"LoRA layers run different adapters {sorted(names)}; exactly one must be active: call "

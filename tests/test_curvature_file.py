@@ -47,6 +47,14 @@ def test_round_trip(saved):
     assert back.norm_constant == curv.norm_constant
 
 
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0)])
+def test_load_on_an_indexed_cpu_device(saved, device):
+    # accelerate's FSDP sets the Trainer's device to cpu:0, which safetensors does not take as it is
+    path, p = saved
+    back = LoRACurvature.load(path, device=device)
+    assert all(torch.equal(back.tensors[k], t) for k, t in curvature_of(p, "tri").tensors.items())
+
+
 @pytest.mark.parametrize("value,match", [(float("inf"), "norm_constant=inf"), (1e-320, "norm_constant=1e-320"),
                                          (3.5, "norm_constant=3.5 does not match")])
 def test_normalisation_must_be_finite_normal_and_match_the_factors(saved, value, match):

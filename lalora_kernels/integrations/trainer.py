@@ -10,7 +10,9 @@ own rule for whether it divides the loss by the accumulation steps decides how t
 scaled. It is computed in fp32 outside autocast. With several processes every rank adds the same
 (replicated) penalty, so DDP's gradient average leaves its gradient unchanged; with
 ``lalora_shard_factors=True`` each rank holds and evaluates only its share (see
-``LaLoRARegularizer``).
+``LaLoRARegularizer``). Under DeepSpeed ZeRO-3 the penalty gathers the LoRA weights; a model built
+under ``deepspeed.zero.Init`` (partitioned before any engine exists, so it cannot run a forward
+on its own) has its curvature estimated on the engine when ``train()`` starts, before the first step.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import os
 from typing import Iterable, Optional
 
 import torch
+from transformers import TrainerCallback
 
 from ..capture import estimate_curvature
 from ..curvature import LoRACurvature
-from ..lora_layers import ZERO3_REFUSED
 from ..penalty import LaLoRARegularizer
 
 CURVATURE_FILE = "lalora_curvature.safetensors"
@@ -44,23 +46,27 @@ class LaLoRATrainerMixin:
                  lalora_max_batches: Optional[int] = 8, lalora_shard_factors: bool = False,
                  lalora_allow_missing_curvature: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        if getattr(self, "is_deepspeed_enabled", False):
-            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-            if is_deepspeed_zero3_enabled():       # refused before a capture is spent on it
-                raise NotImplementedError(ZERO3_REFUSED)
-        if lalora_curvature is None:
-            if lalora_source is None:
-                raise ValueError("pass lalora_curvature (a LoRACurvature) or lalora_source (source data to "
-                                 "estimate it from)")
-            lalora_curvature = estimate_curvature(
-                self.model, self._lalora_batches(lalora_source), variant=lalora_variant,
-                fisher=lalora_fisher, max_batches=lalora_max_batches,
-                progress=self.args.disable_tqdm is False and self.is_world_process_zero())
         self._lalora_cfg = dict(lam=lalora_lam, prior_precision=lalora_prior_precision,
                                 normalize=lalora_normalize, shard_factors=lalora_shard_factors)
-        self._lalora_set(lalora_curvature)
         self._lalora_sums = {"lalora_penalty": 0.0, "task_loss": 0.0, "n": 0}
         self._lalora_allow_missing = lalora_allow_missing_curvature
+        self.lalora_curvature, self.lalora, self._lalora_pending = None, None, None
+        if lalora_curvature is not None:
+            self._lalora_set(lalora_curvature)
+            return
+        if lalora_source is None:
+            raise ValueError("pass lalora_curvature (a LoRACurvature) or lalora_source (source data to "
+                             "estimate it from)")
+        capture = dict(batches=self._lalora_batches(lalora_source), variant=lalora_variant, fisher=lalora_fisher,
+                       max_batches=lalora_max_batches,
+                       progress=self.args.disable_tqdm is False and self.is_world_process_zero())
+        if _zero3_partitioned(self.model):
+            # built under deepspeed.zero.Init: the forward runs only inside the engine that train()
+            # builds, so the capture waits for it (before the first step, the LoRA weights unchanged)
+            self._lalora_pending = capture
+            self.add_callback(_CaptureAtTrainBegin(self))
+        else:
+            self._lalora_set(estimate_curvature(self.model, **capture))
 
     def _lalora_batches(self, source):
         """Batches from what a user passes as ``lalora_source``, made the way Trainer makes the train
@@ -125,20 +131,43 @@ class LaLoRATrainerMixin:
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir or self.args.output_dir
-        if self.is_world_process_zero():
+        if self.is_world_process_zero() and self.lalora_curvature is not None:
             os.makedirs(output_dir, exist_ok=True)
             self.lalora_curvature.save(os.path.join(output_dir, CURVATURE_FILE))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, CURVATURE_FILE)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Trainer resumes the model through different methods under DeepSpeed, FSDP and neither;
+        # this one runs on every resume, after the model is prepared and before the first step
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, CURVATURE_FILE)
         if os.path.exists(path):
             self._lalora_set(LoRACurvature.load(path, device=self.args.device))
+            self._lalora_pending = None
         elif not self._lalora_allow_missing:
             raise FileNotFoundError(
-                f"resuming from {resume_from_checkpoint!r}, which holds no {CURVATURE_FILE}: the run would go on "
-                "with the curvature this trainer was built with, not the one it was trained against. Restore the "
-                "file, or pass lalora_allow_missing_curvature=True to keep the trainer's curvature")
+                f"resuming from {checkpoint!r}, which holds no {CURVATURE_FILE}: the run would go on with the "
+                "curvature this trainer was built with, not the one it was trained against. Restore the file, or "
+                "pass lalora_allow_missing_curvature=True to keep the trainer's curvature")
+
+
+def _zero3_partitioned(model) -> bool:
+    from ..lora_layers import find_lora_layers, is_zero3_partitioned
+    return is_zero3_partitioned(find_lora_layers(model)[0].A)
+
+
+class _CaptureAtTrainBegin(TrainerCallback):
+    """Estimates a pending curvature on the DeepSpeed engine once ``train()`` has built it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        tr = self.trainer
+        if tr._lalora_pending is not None:
+            tr._lalora_set(estimate_curvature(tr.model_wrapped, **tr._lalora_pending))
+            tr._lalora_pending = None
 
 
 def make_lalora_trainer(base):

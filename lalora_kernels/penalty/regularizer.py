@@ -11,8 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import LoRACurvature
-from ..lora_layers import find_lora_layers, is_sharded, warn_uncovered
+from ..lora_layers import find_lora_layers, gathered_zero3, is_sharded, is_zero3_partitioned, warn_uncovered
 from .module import LaplacePenalty
+
+
+ZERO3_ORDER = (
+    "under DeepSpeed ZeRO-3 the penalty's gradient can only reach the partitioned LoRA weights inside the backward "
+    "of a forward that used them, and no such forward is pending: evaluate the penalty after the model's forward "
+    "of the step (loss = engine(**batch).loss + reg(engine)), with gradients enabled in that forward (gradient "
+    "checkpointing with use_reentrant=False, not True)")
 
 
 class _Attach(torch.autograd.Function):
@@ -41,11 +48,12 @@ class LaLoRARegularizer(nn.Module):
     c so that lam means the same across models and data (SPEC section 6), None uses F as estimated.
 
     shard_factors: under torch.distributed, each rank keeps only the factors of its share of the
-    adapters (balanced by bytes). Under DDP it returns ``world_size`` times its share of the penalty,
-    so that DDP's gradient average yields exactly the full penalty's gradient; under FSDP2 (LoRA
-    weights sharded as DTensors) it returns its share and the gradient is summed over ranks.
-    ``full_value(v)`` turns such a returned value into the whole penalty (for logging). Under FSDP2
-    without sharded factors every rank computes the whole penalty on the gathered weights.
+    adapters (balanced by bytes). Under DDP and DeepSpeed ZeRO it returns ``world_size`` times its
+    share of the penalty, so that the engine's gradient average yields exactly the full penalty's
+    gradient; under FSDP2 (LoRA weights sharded as DTensors) it returns its share and the gradient is
+    summed over ranks. ``full_value(v)`` turns such a returned value into the whole penalty (for
+    logging). LoRA weights split across ranks (FSDP2, ZeRO-3) are gathered for the penalty: without
+    sharded factors every rank computes the whole penalty on the gathered weights.
     """
 
     def __init__(self, curvature: Union[LoRACurvature, Mapping[str, LoRACurvature]], lam: float,
@@ -134,10 +142,25 @@ class LaLoRARegularizer(nn.Module):
         if self._all and is_sharded(self._all[0].A):      # FSDP2: the LoRA weights are sharded DTensors
             self._fsdp = True
             return self._fsdp_forward(name)
+        if self._all and is_zero3_partitioned(self._all[0].A):     # ZeRO-3: partitioned, empty outside forward
+            return self._zero3_forward(name)
         if name not in self.penalties:      # a rank with no share of the adapters
             return next(model.parameters()).new_zeros((), dtype=torch.float32)
         value = self.penalties[name](A, B)
         return value * self.scale if self.sharded else value
+
+    def _on_copies(self, name: str, whole: list[Tensor], grad: bool) -> tuple[Tensor, list]:
+        """The penalty (this rank's share with ``shard_factors``) on ``whole``, gathered copies of every
+        LoRA weight (A, B of ``self._all`` in turn), and its gradient in each when ``grad``."""
+        copies = [w.detach().requires_grad_() for w in whole]
+        by_name = {r.name: 2 * k for k, r in enumerate(self._all)}
+        pen = self.penalties[name] if name in self.penalties else None
+        with torch.enable_grad():
+            if pen is None:
+                return copies[0].new_zeros((), dtype=torch.float32), [torch.zeros_like(c) for c in copies]
+            value = pen([copies[by_name[n]] for n in pen.names], [copies[by_name[n] + 1] for n in pen.names])
+            grads = torch.autograd.grad(value, copies, allow_unused=True) if grad else [None] * len(copies)
+        return value.detach(), [torch.zeros_like(c) if d is None else d for c, d in zip(copies, grads)]
 
     def _fsdp_forward(self, name: str) -> Tensor:
         """The penalty on FSDP2-sharded LoRA weights. Every rank gathers every LoRA weight (the same
@@ -149,27 +172,37 @@ class LaLoRARegularizer(nn.Module):
         import torch.distributed as dist
         from torch.distributed.tensor import distribute_tensor
         params = [t for r in self._all for t in (r.A, r.B)]
-        gathered = [p.full_tensor().detach().requires_grad_() for p in params]
-        by_name = {r.name: 2 * k for k, r in enumerate(self._all)}
-        pen = self.penalties[name] if name in self.penalties else None
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        with torch.enable_grad():
-            if pen is None:
-                value = gathered[0].new_zeros((), dtype=torch.float32)
-                grads = [torch.zeros_like(g) for g in gathered]
-            else:
-                value = pen([gathered[by_name[n]] for n in pen.names], [gathered[by_name[n] + 1] for n in pen.names])
-                grads = torch.autograd.grad(value, gathered, allow_unused=True) if grad else [None] * len(gathered)
-                grads = [torch.zeros_like(g) if d is None else d for g, d in zip(gathered, grads)]
+        value, grads = self._on_copies(name, [p.full_tensor() for p in params], grad)
         if not grad:
-            return value.detach()
+            return value
         if self.sharded:                    # the shares' gradients, summed: one collective
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             grads = list(torch.split(flat, [g.numel() for g in grads]))
         sliced = [distribute_tensor(g.reshape(p.shape).to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
                   for g, p in zip(grads, params)]
-        return _Attach.apply(value.detach(), sliced, *params)
+        return _Attach.apply(value, sliced, *params)
+
+    def _zero3_forward(self, name: str) -> Tensor:
+        """The penalty on DeepSpeed ZeRO-3 partitioned LoRA weights. Every rank gathers every LoRA
+        weight (DeepSpeed's collective, the same list on every rank), evaluates the penalty (its
+        share with ``shard_factors``) and its gradient on copies, and hands the whole gradient to
+        the gathered parameters while they are whole. Created after the step's forward, that node runs
+        first in the backward and its gradient waits in each weight's accumulator for the task loss's,
+        which arrives while DeepSpeed holds the weight whole again; hence ``ZERO3_ORDER``. DeepSpeed
+        then reduces the sum, averaged over ranks as under DDP: every rank contributes the same
+        gradient, or ``world_size`` times its share with ``shard_factors`` (and returns that much)."""
+        params = [t for r in self._all for t in (r.A, r.B)]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if grad and not all(getattr(r.module.lora_B[r.adapter], "ds_grads_remaining", 0) > 0 for r in self._all):
+            raise RuntimeError(ZERO3_ORDER)
+        with gathered_zero3(params):
+            value, grads = self._on_copies(name, [p.detach().clone() for p in params], grad)
+            if not grad:
+                return value * self.scale
+            return _Attach.apply(value * self.scale, [(g * self.scale).to(p.dtype) for g, p in zip(grads, params)],
+                                 *params)
 
     reg = forward
 
